@@ -1,0 +1,3 @@
+from torchat.cli import main
+
+raise SystemExit(main())

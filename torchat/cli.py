@@ -1,0 +1,55 @@
+"""The `torchat` command: one verb per module, imported only when that verb runs.
+
+`doit list` and `torchat list` must stay free of torch, so a verb's module is imported lazily. The seed's flag
+form (`torchat --generate ...`) is rewritten to the verb form.
+"""
+
+import argparse
+import importlib
+import sys
+
+from torchat.errors import TorchatError
+
+# verb -> module that defines add_arguments(parser) and run(args) -> int
+VERBS = {
+    "generate": "torchat.generate_cli",
+    "convert": "torchat.convert",
+    "download": "torchat.manage",
+    "list": "torchat.manage",
+    "where": "torchat.manage",
+    "remove": "torchat.manage",
+}
+
+# the seed's flag form: `torchat --generate ...` == `torchat generate ...`
+FLAG_FORMS = {f"--{verb}": verb for verb in ("generate", "chat", "eval", "export")}
+
+
+def _verb_argv(argv: list[str]) -> list[str]:
+    for i, arg in enumerate(argv):
+        if arg in FLAG_FORMS:
+            return [FLAG_FORMS[arg], *argv[:i], *argv[i + 1:]]
+    return argv
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, module_name in VERBS.items():
+        verb_parser = sub.add_parser(name)
+        if name == verb:
+            importlib.import_module(module_name).add_arguments(verb_parser, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _verb_argv(list(sys.argv[1:] if argv is None else argv))
+    verb = argv[0] if argv and argv[0] in VERBS else None
+    args = build_parser(verb).parse_args(argv)
+    try:
+        return importlib.import_module(VERBS[args.verb]).run(args)
+    except TorchatError as error:
+        print(f"torchat {args.verb}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
