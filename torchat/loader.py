@@ -1,0 +1,94 @@
+"""The flags that pick a model and its tokenizer, shared by generate, chat, eval and export, and the loading.
+
+With no model named, the default model (SmolLM2-135M-Instruct, from its GGUF) is fetched and used.
+"""
+
+import argparse
+import sys
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+from torchat.errors import TorchatError, unknown_key_error
+
+
+class DType(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+TORCH_DTYPES = {DType.fp32: torch.float32, DType.fp16: torch.float16, DType.bf16: torch.bfloat16}
+DEFAULT_MODEL_ASSET = "smollm2-135m-gguf"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint-path", type=Path, help="a checkpoint file or directory (any --format)")
+    group.add_argument("--checkpoint-dir", type=Path, help="a directory holding the checkpoint")
+    group.add_argument("--gguf-path", "--load_gguf", dest="gguf_path", type=Path, help="a GGUF file")
+    group.add_argument("--format", help="checkpoint format, detected when omitted (gguf, llama2c, meta, hf, torchat)")
+    group.add_argument("--params-table", help="a known config name (see torchat/configs.py)")
+    group.add_argument("--params-path", type=Path, help="a JSON file of ModelArgs fields")
+    group.add_argument("--tokenizer-path", type=Path, help="tokenizer file; found beside the checkpoint if omitted")
+    group.add_argument("--tokenizer", dest="tokenizer_kind",
+                       help="tokenizer kind, detected when omitted (sentencepiece, tiktoken, hf, gguf)")
+    group.add_argument("--tiktoken", dest="tokenizer_kind", action="store_const", const="tiktoken",
+                       help="the checkpoint's tokenizer is Llama-3's tiktoken file")
+    group.add_argument("--dtype", "-d", default=DType.fp32, type=_dtype, help="fp32 (default), fp16 or bf16")
+    group.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+
+
+def _dtype(value: str) -> DType:
+    if value not in DType.__members__:
+        raise argparse.ArgumentTypeError(f"unknown dtype {value!r}; choose one of: {', '.join(DType)}")
+    return DType(value)
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """The checkpoint the flags name, or the default model's GGUF."""
+    named = [p for p in (args.checkpoint_path, args.checkpoint_dir, args.gguf_path) if p is not None]
+    if len(named) > 1:
+        raise TorchatError("pass only one of --checkpoint-path, --checkpoint-dir, --gguf-path")
+    if named:
+        return named[0]
+    from torchat.assets import fetch_asset
+
+    print("torchat: no model named; using the default model SmolLM2-135M-Instruct", file=sys.stderr)
+    return fetch_asset(DEFAULT_MODEL_ASSET)
+
+
+def find_tokenizer(checkpoint: Path, metadata: dict) -> Path:
+    """The tokenizer beside a checkpoint: the GGUF itself, or a known file name in its directory."""
+    if metadata.get("format") == "gguf":
+        return checkpoint
+    directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    for name in ("tokenizer.gguf", "tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
+        if (directory / name).is_file():
+            return directory / name
+    raise TorchatError(f"no tokenizer found beside {checkpoint} (looked for tokenizer.gguf, tokenizer.json, "
+                       "tokenizer.model); pass --tokenizer-path")
+
+
+def load_eager(args: argparse.Namespace):
+    """(Transformer, tokenizer, checkpoint metadata) from the model flags."""
+    from torchat.checkpoint import build_model, read_checkpoint, resolve_args
+    from torchat.tokenizers import load_tokenizer
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TorchatError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    path = checkpoint_path(args)
+    checkpoint = read_checkpoint(path, args.format, resolve_args(args.params_table, args.params_path))
+    tokenizer = load_tokenizer(args.tokenizer_path or find_tokenizer(path, checkpoint.metadata), args.tokenizer_kind)
+    if tokenizer.vocab_size > checkpoint.args.vocab_size:
+        raise TorchatError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                           f"{checkpoint.args.vocab_size}; pass the model's own --tokenizer-path")
+    model = build_model(checkpoint, TORCH_DTYPES[args.dtype], args.device)
+    return model, tokenizer, checkpoint.metadata
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DType.__members__:
+        raise unknown_key_error("dtype", name, DType.__members__)
+    return TORCH_DTYPES[DType(name)]
