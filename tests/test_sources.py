@@ -94,7 +94,10 @@ def test_gated_hub_repo_explains_login(monkeypatch, cache):
     from huggingface_hub.errors import GatedRepoError
 
     def refuse(*args, **kwargs):
-        raise GatedRepoError("403 Client Error: gated", response=None)
+        import httpx2
+
+        request = httpx2.Request("GET", "https://huggingface.co/meta-llama/Llama-2-7b-hf/resolve/main/config.json")
+        raise GatedRepoError("403 Client Error: gated", response=httpx2.Response(403, request=request))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
     with pytest.raises(TorchatError, match="gated.*HF_TOKEN"):
