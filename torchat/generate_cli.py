@@ -47,7 +47,7 @@ def print_completion(text_model, tokenizer, prompt, max_new_tokens, sampling, ge
                           generator=generator):
         if token in tokenizer.stop_ids:
             break
-        sys.stdout.write(decoder.push(token))
+        sys.stdout.write(decoder.add(token))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
     print(stats.summary(text_model.device), file=sys.stderr)
