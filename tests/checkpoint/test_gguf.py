@@ -227,7 +227,8 @@ def test_unsupported_tensor_type_lists_supported(tmp_path):
     block, type_size = GGML_QUANT_SIZES[Q.Q2_K]
     tensors["blk.0.ffn_up.weight"] = (np.zeros((shape[0], shape[1] // block * type_size), dtype=np.uint8), Q.Q2_K)
     _assert_refused(write_gguf(tmp_path / "q2k.gguf", args, tensors),
-                    rf"q2k\.gguf: tensor 'blk\.0\.ffn_up\.weight' has type Q2_K.*supported: {', '.join(sorted(GGUF_TYPES))}")
+                    r"q2k\.gguf: tensor 'blk\.0\.ffn_up\.weight' has type Q2_K.*supported: "
+                    + ", ".join(sorted(GGUF_TYPES)))
 
 
 # --- the real SmolLM2-135M-Instruct file ---

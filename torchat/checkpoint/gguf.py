@@ -44,7 +44,7 @@ _ROPE_FREQS = "rope_freqs.weight"
 
 # What the gguf reader raises on a truncated or malformed file: short reads surface as failed numpy views,
 # reshapes and indexing, bad enum values and undecodable strings as ValueError, duplicates as KeyError.
-_READER_ERRORS = (ValueError, IndexError, KeyError, OverflowError, TypeError)
+_READER_ERRORS = (ValueError, IndexError, KeyError, OverflowError)
 
 
 def gguf_metadata(path: Path) -> dict:
