@@ -1,0 +1,297 @@
+"""The content-addressed artifact store, and the realization of graph nodes into it.
+
+Each node's output lives in `<store>/<step>/<key16>-<name>/` with fixed file names and a `manifest.json`. The
+key is the sha256 of the preimage: the step, its verb and arguments, its resolved spec, the sha256 of every
+output of its inputs (content, not keys: an upstream rebuild that reproduces its bytes rebuilds nothing
+downstream), the sha256 of the source files the step runs, and the versions of its toolchain. The manifest
+holds that preimage and the sha256, size and mtime of every output.
+
+A directory counts as done only when its manifest parses, names the expected key and every output matches
+(size, then mtime, else a rehash). Steps run `python -m torchat VERB ...` into a temp directory beside the
+final one, under a per-key lock, and publish it by one `os.rename`: a killed build leaves a `.tmp-*` directory
+that is never read and is swept by the next build of that key. Standard library only.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from torchat.errors import TorchatError
+from torchat.spec import REPO_ROOT, STEPS, Node, Ref, verb_code_path
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+CHUNK = 1 << 20
+
+_code_cache: dict[tuple[Path, str], dict[str, str]] = {}
+_version_cache: dict[str, str] = {}
+_found: dict[tuple[str, str], tuple[Path, dict]] = {}
+
+
+def artifacts_dir() -> Path:
+    """$TORCHAT_ARTIFACTS, else the checkout's artifacts/."""
+    return Path(os.environ.get("TORCHAT_ARTIFACTS") or REPO_ROOT / "artifacts").expanduser().resolve()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def code_digests(paths: tuple[str, ...], root: Path = REPO_ROOT) -> dict[str, str]:
+    """Repo-relative file -> sha256 for every file under `paths` (hashed, never imported); absent -> "absent"."""
+    digests: dict[str, str] = {}
+    for rel in paths:
+        if (root, rel) not in _code_cache:
+            full, found = root / rel, {}
+            if full.is_file():
+                found[rel] = sha256_file(full)
+            elif full.is_dir():
+                for f in sorted(full.rglob("*")):
+                    if f.is_file() and "__pycache__" not in f.parts and f.suffix not in (".pyc", ".pyo"):
+                        found[f.relative_to(root).as_posix()] = sha256_file(f)
+            _code_cache[root, rel] = found or {rel: "absent"}
+        digests.update(_code_cache[root, rel])
+    return digests
+
+
+def toolchain_versions(distributions: tuple[str, ...]) -> dict[str, str]:
+    """Python and each distribution's installed version, read from metadata without importing it."""
+    if not distributions:
+        return {}
+    for dist in distributions:
+        if dist not in _version_cache:
+            try:
+                _version_cache[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                _version_cache[dist] = "absent"
+    return {"python": platform.python_version(), **{d: _version_cache[d] for d in distributions}}
+
+
+def artifact_dir(node: Node, key: str) -> Path:
+    return artifacts_dir() / node.step / f"{key[:16]}-{node.name}"
+
+
+def read_manifest(directory: Path) -> dict | None:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def check_artifact(directory: Path, key: str | None = None) -> dict | None:
+    """The manifest if `directory` is a complete artifact (of `key`, when given), else None."""
+    manifest = read_manifest(directory)
+    if manifest is None or (key is not None and manifest.get("key") != key) or not manifest.get("outputs"):
+        return None
+    for name, out in manifest["outputs"].items():
+        try:
+            stat = (directory / name).stat()
+        except OSError:
+            return None
+        if stat.st_size != out["size"]:
+            return None
+        if stat.st_mtime_ns != out["mtime_ns"] and sha256_file(directory / name) != out["sha256"]:
+            return None
+    return manifest
+
+
+def _arg_for_key(arg) -> str:
+    return f"<{arg.role}>/{arg.path}" if isinstance(arg, Ref) else str(arg)
+
+
+def render_args(node: Node, dirs: dict[str, Path]) -> list[str]:
+    return [str(dirs[a.role] / a.path if a.path else dirs[a.role]) if isinstance(a, Ref) else str(a)
+            for a in node.args]
+
+
+def preimage(node: Node) -> dict | None:
+    """What the node's key hashes; None while an input is not built (its outputs' digests are not known)."""
+    inputs = {}
+    for role, dep in node.deps:
+        found = find(dep)
+        if found is None:
+            return None
+        inputs[role] = {"step": str(dep.step), "outputs": {n: o["sha256"] for n, o in found[1]["outputs"].items()}}
+    return {"format": FORMAT, "step": str(node.step), "verb": node.verb,
+            "args": [_arg_for_key(a) for a in node.args], "spec": json.loads(node.spec), "inputs": inputs,
+            "code": code_digests(node.code), "toolchain": toolchain_versions(node.toolchain)}
+
+
+def node_key(node: Node) -> str | None:
+    pre = preimage(node)
+    return None if pre is None else sha256_json(pre)
+
+
+def find(node: Node) -> tuple[Path, dict] | None:
+    """The node's complete artifact for its current key, as (directory, manifest); None if not built."""
+    if node.verb is None:  # an alias (eager build): its artifact is its input's
+        return find(node.deps[0][1])
+    if (node.step, node.name) in _found:
+        return _found[node.step, node.name]
+    key = node_key(node)
+    if key is None:
+        return None
+    directory = artifact_dir(node, key)
+    manifest = check_artifact(directory, key)
+    if manifest is None:
+        return None
+    _found[node.step, node.name] = directory, manifest
+    return directory, manifest
+
+
+def is_done(node: Node) -> bool:
+    return find(node) is not None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_command() -> list[str]:
+    """How steps call the library: `python -m torchat`; $TORCHAT_STEP_CLI stands in for it in graph tests."""
+    override = os.environ.get("TORCHAT_STEP_CLI")
+    return shlex.split(override) if override else [sys.executable, "-m", "torchat"]
+
+
+def _run_verb(node: Node, dirs: dict[str, Path]) -> str:
+    if not os.environ.get("TORCHAT_STEP_CLI"):
+        path = verb_code_path(node.verb)
+        if path is None or not (REPO_ROOT / path).exists():
+            raise TorchatError(f"`torchat {node.verb}` does not exist yet ({STEPS[node.step].provider} provides "
+                               f"it); {node.task} was not built")
+    argv = [*step_command(), node.verb, *render_args(node, dirs)]
+    returncode = subprocess.run(argv, stdin=subprocess.DEVNULL).returncode
+    if returncode != 0:
+        raise TorchatError(f"`torchat {node.verb}` exited with status {returncode}; {node.task} was not built "
+                           f"(command: {shlex.join(argv)})")
+    return shlex.join(["torchat", node.verb, *render_args(node, dirs)])
+
+
+def _hash_outputs(directory: Path) -> dict[str, dict]:
+    outputs = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            _fsync(f)
+            stat = f.stat()
+            outputs[f.relative_to(directory).as_posix()] = {"sha256": sha256_file(f), "size": stat.st_size,
+                                                            "mtime_ns": stat.st_mtime_ns}
+    return outputs
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / (MANIFEST + ".part")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _fsync(tmp)
+    os.rename(tmp, directory / MANIFEST)
+
+
+def _sweep(parent: Path, key16: str) -> None:
+    """Remove what killed builds of this key left behind (called under the key's lock)."""
+    for stale in [*parent.glob(f".tmp-{key16}-*"), *parent.glob(f".trash-{key16}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_artifact(directory: Path) -> None:
+    """Make the artifact disappear at once (rename), then delete it."""
+    trash = directory.parent / f".trash-{directory.name[:16]}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(directory, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def realize(node: Node) -> tuple[Path, dict]:
+    """Build the node's artifact unless a complete one exists; raise TorchatError if the step fails."""
+    dirs = {}
+    for role, dep in node.deps:
+        found = find(dep)
+        if found is None:
+            raise TorchatError(f"{node.task}: its input {dep.task} is not built; run `doit {dep.task}`")
+        dirs[role] = found[0]
+    if node.verb is None:
+        return find(node)
+    pre = preimage(node)
+    key = sha256_json(pre)
+    final = artifact_dir(node, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.parent / f".lock-{key[:16]}"):
+        manifest = check_artifact(final, key)
+        if manifest is None:
+            _sweep(final.parent, key[:16])
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=final.parent))
+            try:
+                command = _run_verb(node, {**dirs, "out": tmp})
+                outputs = _hash_outputs(tmp)
+                if not outputs:
+                    raise TorchatError(f"`torchat {node.verb}` wrote nothing; {node.task} was not built")
+                manifest = {"format": FORMAT, "key": key, "step": str(node.step), "name": node.name,
+                            "model": node.model, "preimage": pre, "outputs": outputs, "command": command,
+                            "inputs": {r: d.relative_to(artifacts_dir()).as_posix() for r, d in dirs.items()},
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                _write_manifest(tmp, manifest)
+                if final.exists():  # an incomplete or tampered directory under the final name
+                    remove_artifact(final)
+                os.rename(tmp, final)
+                _fsync(final.parent)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    _found[node.step, node.name] = final, manifest
+    return final, manifest
+
+
+def artifacts(step: str | None = None) -> list[tuple[Path, dict]]:
+    """Every complete artifact in the store (of one step, if given), as (directory, manifest)."""
+    root = artifacts_dir()
+    steps = [root / step] if step else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    found = []
+    for step_dir in steps:
+        for directory in sorted(step_dir.iterdir()) if step_dir.is_dir() else []:
+            if not directory.name.startswith(".") and (manifest := check_artifact(directory)) is not None:
+                found.append((directory, manifest))
+    return found
+
+
+def remove_named(node: Node) -> list[Path]:
+    """Remove every artifact of this node's step and name, whatever its key (what `doit clean` does)."""
+    step_dir = artifacts_dir() / node.step
+    removed = [d for d in (step_dir.glob(f"*-{node.name}") if step_dir.is_dir() else [])
+               if not d.name.startswith(".") and d.name[17:] == node.name]
+    for directory in removed:
+        remove_artifact(directory)
+    _found.pop((node.step, node.name), None)
+    return removed
