@@ -189,6 +189,12 @@ class Transformer(nn.Module):
                                                self.args.head_dim, weight.dtype, weight.device)
         self.cache_len = max_seq_len
 
+    def remove_caches(self) -> None:
+        """Back to plain causal passes over whole sequences (no state between calls)."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.cache_len = 0
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) at positions input_pos (seq,) -> logits (batch, seq, vocab).
 
