@@ -31,9 +31,16 @@ def _verb_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line (what is wrong and where to look), like every other torchat error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torchat", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    parser = OneLineParser(prog="torchat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=OneLineParser)
     for name, module_name in VERBS.items():
         verb_parser = sub.add_parser(name)
         if name == verb:
