@@ -50,4 +50,5 @@ def print_completion(text_model, tokenizer, prompt, max_new_tokens, sampling, ge
         sys.stdout.write(decoder.add(token))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
     print(stats.summary(text_model.device), file=sys.stderr)

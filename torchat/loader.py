@@ -24,7 +24,11 @@ DEFAULT_MODEL_ASSET = "smollm2-135m-gguf"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a model of targets/models.toml (default: smollm2-135m, unless a path flag names one)")
     group = parser.add_argument_group("model")
+    group.add_argument("--allow-unpinned", action="store_true",
+                       help="fetch a MODEL whose files have no pinned sha256 (trust whatever the source serves)")
     group.add_argument("--checkpoint-path", type=Path, help="a checkpoint file or directory (any --format)")
     group.add_argument("--checkpoint-dir", type=Path, help="a directory holding the checkpoint")
     group.add_argument("--gguf-path", "--load_gguf", dest="gguf_path", type=Path, help="a GGUF file")
@@ -49,14 +53,30 @@ def _dtype(value: str) -> DType:
 def checkpoint_path(args: argparse.Namespace) -> Path:
     """The checkpoint the flags name, or the default model's GGUF."""
     named = [p for p in (args.checkpoint_path, args.checkpoint_dir, args.gguf_path) if p is not None]
-    if len(named) > 1:
-        raise TorchatError("pass only one of --checkpoint-path, --checkpoint-dir, --gguf-path")
+    if len(named) + (args.model is not None) > 1:
+        raise TorchatError("name the model once: a MODEL, --checkpoint-path, --checkpoint-dir or --gguf-path")
     if named:
         return named[0]
+    if args.model is not None:
+        return fetch_named_model(args)
     from torchat.assets import fetch_asset
 
     print("torchat: no model named; using the default model SmolLM2-135M-Instruct", file=sys.stderr)
     return fetch_asset(DEFAULT_MODEL_ASSET)
+
+
+def fetch_named_model(args: argparse.Namespace) -> Path:
+    """A catalog model's files, fetched (verified) into the cache; its config and format fill unset flags."""
+    from torchat.manage import fetch_model_files
+    from torchat.sources import cache_dir
+    from torchat.spec import load_catalog
+
+    model = load_catalog().model(args.model)
+    directory = cache_dir() / "models" / model.key
+    fetch_model_files(model, directory, allow_unpinned=args.allow_unpinned)
+    args.format = args.format or str(model.format)
+    first = directory / model.files[0].name
+    return first if len(model.files) == 1 and model.format in ("gguf", "llama2c") else directory
 
 
 def find_tokenizer(checkpoint: Path, metadata: dict) -> Path:
