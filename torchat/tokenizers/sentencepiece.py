@@ -81,7 +81,9 @@ def load_processor(model_proto: bytes, path: Path) -> sentencepiece.SentencePiec
     try:
         processor.load_from_serialized_proto(model_proto)
     except (RuntimeError, OSError, TypeError) as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        # sentencepiece's message names its own source line; what the user needs is "this is no model".
+        reason = "not a sentencepiece ModelProto" if "ParseFromArray" in str(error) else str(error).strip()
+        reason = reason.splitlines()[-1] if reason else type(error).__name__
         raise TorchatError(f"{path}: not a sentencepiece model ({reason}); pass the model's tokenizer file with "
                            "--tokenizer-path") from None
     return processor
