@@ -17,8 +17,7 @@ import os
 import sys
 
 from torchat import spec, store
-from torchat.errors import TorchatError
-from torchat.spec import Step
+from torchat.spec import Step, TorchatError  # dodo imports spec and store only
 
 DOCS = {
     Step.DOWNLOAD: "Fetch a model's files, verified by sha256 (MODEL)",

@@ -295,3 +295,10 @@ def remove_named(node: Node) -> list[Path]:
         remove_artifact(directory)
     _found.pop((node.step, node.name), None)
     return removed
+
+
+def realize_with_inputs(node: Node) -> tuple[Path, dict]:
+    """Realize the node's inputs first, depth first, then the node (doit orders the tasks itself)."""
+    for _, dep in node.deps:
+        realize_with_inputs(dep)
+    return realize(node)
