@@ -13,7 +13,9 @@ from torchat.errors import TorchatError
 # verb -> module that defines add_arguments(parser) and run(args) -> int
 VERBS = {
     "generate": "torchat.generate_cli",
+    "chat": "torchat.chat",
     "convert": "torchat.convert",
+    "export": "torchat.export_cli",
     "download": "torchat.manage",
     "list": "torchat.manage",
     "where": "torchat.manage",

@@ -36,12 +36,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--params-table", help="a known config name (see torchat/configs.py)")
     group.add_argument("--params-path", type=Path, help="a JSON file of ModelArgs fields")
     group.add_argument("--tokenizer-path", type=Path, help="tokenizer file; found beside the checkpoint if omitted")
-    group.add_argument("--tokenizer", dest="tokenizer_kind",
+    group.add_argument("--tokenizer", "--tokenizer-kind", dest="tokenizer_kind",
                        help="tokenizer kind, detected when omitted (sentencepiece, tiktoken, hf, gguf)")
     group.add_argument("--tiktoken", dest="tokenizer_kind", action="store_const", const="tiktoken",
                        help="the checkpoint's tokenizer is Llama-3's tiktoken file")
     group.add_argument("--dtype", "-d", default=DType.fp32, type=_dtype, help="fp32 (default), fp16 or bf16")
     group.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    exported = parser.add_argument_group("exported model (instead of a checkpoint; see `torchat export`)")
+    exported.add_argument("--aoti-package-path", type=Path, help="an AOT Inductor package (.pt2)")
+    exported.add_argument("--dso-path", type=Path, help="an AOT Inductor shared library (.so)")
+    exported.add_argument("--pte-path", type=Path, help="an ExecuTorch program (.pte)")
 
 
 def _dtype(value: str) -> DType:
@@ -112,3 +116,33 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DType.__members__:
         raise unknown_key_error("dtype", name, DType.__members__)
     return TORCH_DTYPES[DType(name)]
+
+
+def artifact_path(args: argparse.Namespace) -> Path | None:
+    """The exported artifact the flags name (--aoti-package-path, --dso-path, --pte-path), if any."""
+    named = [p for p in (getattr(args, "aoti_package_path", None), getattr(args, "dso_path", None),
+                         getattr(args, "pte_path", None)) if p is not None]
+    if len(named) > 1:
+        raise TorchatError("pass only one of --aoti-package-path, --dso-path, --pte-path")
+    if named and any(p is not None for p in (args.checkpoint_path, args.checkpoint_dir, args.gguf_path)):
+        raise TorchatError("pass either an exported artifact or a checkpoint, not both")
+    return named[0] if named else None
+
+
+def load_artifact(args: argparse.Namespace, path: Path):
+    """(TextModel, tokenizer) for an exported artifact: its KV cache length and tokenizer come from its metadata."""
+    from torchat.exported import artifact_tokenizer_path, load_exported
+    from torchat.tokenizers import load_tokenizer
+
+    model = load_exported(path)
+    metadata = model.metadata
+    if getattr(args, "max_seq_length", None) and args.max_seq_length > metadata.max_seq_len:
+        raise TorchatError(f"--max-seq-length {args.max_seq_length}: {path} was exported with a KV cache of "
+                           f"{metadata.max_seq_len}; re-export it with a larger --max-seq-length")
+    tokenizer_path = args.tokenizer_path or artifact_tokenizer_path(path, metadata)
+    tokenizer = load_tokenizer(tokenizer_path, args.tokenizer_kind or (None if args.tokenizer_path else
+                                                                       metadata.tokenizer_kind))
+    if tokenizer.vocab_size > metadata.vocab_size:
+        raise TorchatError(f"the tokenizer has {tokenizer.vocab_size} tokens but {path.name} only "
+                           f"{metadata.vocab_size}; pass the model's own --tokenizer-path")
+    return model, tokenizer
