@@ -1,0 +1,118 @@
+"""The import directions of STYLE.md, read from the source (AST) of whatever modules exist.
+
+- The library (torchat/) never imports dodo, doit or targets.
+- model.py imports torch and the standard library only.
+- spec.py and store.py, and every torchat module they import at import time, use the standard library only;
+  dodo.py imports torchat.spec and torchat.store (and the standard library, and doit).
+- lowering -> quant -> model, never back: quant never imports lowering, model neither.
+- generate (and everything it imports, at any depth) never imports lowering.
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_of(p): p for p in sorted((ROOT / "torchat").rglob("*.py")) if "__pycache__" not in p.parts}
+
+
+def _nodes(tree: ast.AST, at_import_time: bool):
+    for node in ast.iter_child_nodes(tree):
+        if at_import_time and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        yield node
+        yield from _nodes(node, at_import_time)
+
+
+def imports(path: Path, at_import_time: bool = False) -> set[str]:
+    """Absolute names of the modules `path` imports (only those run at import time, if asked)."""
+    module = module_of(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in _nodes(ast.parse(path.read_text()), at_import_time):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES}
+    return found
+
+
+def closure(start: list[str], at_import_time: bool) -> set[str]:
+    """The torchat modules reachable from `start` through imports."""
+    seen, todo = set(), list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in MODULES:
+            continue
+        seen.add(name)
+        todo += [m for m in imports(MODULES[name], at_import_time) if m.split(".")[0] == "torchat"]
+        todo += [name.rpartition(".")[0]] if "." in name else []  # importing a submodule runs its package
+    return seen
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_the_library_never_imports_the_graph(module):
+    assert not {m for m in imports(MODULES[module]) if top(m) in ("dodo", "doit", "targets")}
+
+
+def test_model_imports_torch_only():
+    assert {top(m) for m in imports(MODULES["torchat.model"])} <= STDLIB | {"torch"}
+
+
+def test_spec_and_store_need_the_standard_library_only():
+    reached = closure(["torchat.spec", "torchat.store"], at_import_time=True)
+    assert {"torchat.spec", "torchat.store", "torchat.errors"} <= reached
+    for name in reached:
+        outside = {m for m in imports(MODULES[name], at_import_time=True) if top(m) not in STDLIB | {"torchat"}}
+        assert not outside, f"{name} imports {outside} at import time; `doit list` must stay free of them"
+    for name in ("torchat.spec", "torchat.store"):  # not even lazily
+        assert {top(m) for m in imports(MODULES[name])} <= STDLIB | {"torchat"}
+
+
+def test_dodo_imports_spec_and_store_only():
+    torchat_imports = {m for m in imports(ROOT / "dodo.py") if top(m) == "torchat"}
+    assert torchat_imports <= {"torchat", "torchat.spec", "torchat.store"}
+    assert {top(m) for m in imports(ROOT / "dodo.py")} <= STDLIB | {"torchat", "doit"}
+
+
+def test_quant_never_imports_lowering_and_model_neither():
+    for name in [m for m in MODULES if m.startswith("torchat.quant")] + ["torchat.model"]:
+        assert not {m for m in imports(MODULES[name]) if m.startswith("torchat.lowering")}, name
+    assert not {m for m in closure(["torchat.model"], False) if m.startswith(("torchat.quant", "torchat.lowering"))}
+
+
+def test_generate_never_imports_lowering():
+    start = [m for m in MODULES if m.startswith("torchat.generate")]
+    assert start
+    reached = closure(start, at_import_time=False)
+    assert not {m for m in reached if m.startswith("torchat.lowering")}, sorted(reached)
+
+
+def test_the_scanner_sees_relative_and_nested_imports(tmp_path, monkeypatch):
+    package = tmp_path / "torchat" / "quant"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "int4.py").write_text("from . import base\nfrom ..lowering import aoti\ndef f():\n    import doit\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setitem(MODULES, "torchat.quant.base", package / "base.py")
+    assert {"torchat.quant", "torchat.quant.base", "torchat.lowering", "doit"} <= imports(package / "int4.py")
+    assert "doit" not in imports(package / "int4.py", at_import_time=True)
