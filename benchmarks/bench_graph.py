@@ -107,7 +107,8 @@ def main() -> None:
         "|---|---|---|",
         f"| `doit list` | {summary(list_times)} | |",
         f"| `doit list --all` | {summary(list_all_times)} | |",
-        f"| `doit {one}`, all up to date ({len(one_result.stdout.splitlines())} tasks) | {summary(one_times)} | < 2 s |",
+        f"| `doit {one}`, all up to date ({len(one_result.stdout.splitlines())} tasks) | {summary(one_times)} "
+        "| < 2 s |",
         f"| `doit build`, the whole matrix up to date ({len(up_to_date)} tasks, {len(executed)} executed) | "
         f"{summary(all_times)} | < 1 s |",
         f"| `doit -n 2 build`, first build of the whole matrix with the stand-in CLI | {first_build:.1f} s | |",

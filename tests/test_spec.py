@@ -140,6 +140,8 @@ def test_relative_path_sources_resolve_against_the_targets_dir(tiny, tmp_path):
     ('config = "stories15M"\nformat = "gguf"\nsource = "path:x"\nsha256 = "abc"', "sha256 must be 64 lowercase"),
     ('config = "stories15M"\nformat = "hf"\nsource = ["path:a", "path:b"]\nsha256 = "unpinned"',
      "one sha256 per source"),
+    ('config = "stories15M"\nformat = "gguf"\nsource = "path:x"\nsha256 = "unpinned"\nsha = "x"',
+     "[m] has unknown field 'sha'; the fields are: archive_sha256, config"),
 ])
 def test_bad_model_entries_name_the_file_and_the_fix(tmp_path, entry, message):
     root = write_tiny_targets(tmp_path / "targets")
@@ -163,4 +165,19 @@ def test_a_missing_targets_file_says_which(tmp_path):
     root = write_tiny_targets(tmp_path / "targets")
     (root / "quant.toml").unlink()
     with pytest.raises(TorchatError, match="quant.toml: missing"):
+        spec.load_catalog(root)
+
+
+def test_a_preset_with_a_misspelled_key_fails(tmp_path):
+    root = write_tiny_targets(tmp_path / "targets")
+    (root / "quant.toml").write_text('[int4]\nquants = { "linear:int4" = { groupsize = 32 } }\n')
+    with pytest.raises(TorchatError, match=r"quant.toml: \[int4\] must hold `quant = \{...\}`"):
+        spec.load_catalog(root)
+
+
+def test_the_default_model_must_be_known(tmp_path):
+    root = write_tiny_targets(tmp_path / "targets")
+    (root / "matrix.toml").write_text((root / "matrix.toml").read_text().replace('model = "alpha"',
+                                                                                 'model = "gamma"'))
+    with pytest.raises(TorchatError, match=r"\[defaults\] unknown model 'gamma'; choose one of: alpha, beta"):
         spec.load_catalog(root)

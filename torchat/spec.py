@@ -94,7 +94,7 @@ class BackendInfo:
 
     output: str | None
     export_flag: str | None
-    code: tuple[str, ...]
+    runner_code: tuple[str, ...]  # the C++ runner's sources (the runner step's code)
     toolchain: tuple[str, ...]
 
 
@@ -245,7 +245,14 @@ def _sha(value, where: str) -> str | None:
     return value
 
 
+MODEL_FIELDS = {"description", "config", "format", "source", "sha256", "archive_sha256", "tokenizer", "gated"}
+
+
 def _model_spec(key: str, entry: dict, where: str, base: str) -> ModelSpec:
+    if not isinstance(entry, dict) or set(entry) - MODEL_FIELDS:
+        unknown = sorted(set(entry) - MODEL_FIELDS) if isinstance(entry, dict) else [key]
+        raise TorchatError(f"{where}: [{key}] has unknown field {unknown[0]!r}; the fields are: "
+                           f"{', '.join(sorted(MODEL_FIELDS))}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", key):
         raise TorchatError(f"{where}: model key {key!r} may hold only letters, digits, '.', '_' and '-'")
     def need(field):
@@ -280,6 +287,14 @@ def _model_spec(key: str, entry: dict, where: str, base: str) -> ModelSpec:
     return model
 
 
+def _quant_preset(key: str, entry: dict, where: str) -> QuantPreset:
+    if not isinstance(entry, dict) or not isinstance(entry.get("quant"), dict) or set(entry) - {"quant",
+                                                                                                 "description"}:
+        raise TorchatError(f"{where}: [{key}] must hold `quant = {{...}}` (the quant JSON; {{}} for none) and "
+                           "optionally `description`, nothing else")
+    return QuantPreset(key, json.dumps(entry["quant"], sort_keys=True), entry.get("description", ""))
+
+
 def _expand(value, universe: dict, kind: str, where: str) -> list[str]:
     if value == "*":
         return list(universe)
@@ -298,8 +313,7 @@ class Catalog:
         quants = _read_toml(root / "quant.toml")
         matrix = _read_toml(root / "matrix.toml")
         self.models = {k: _model_spec(k, v, str(root / "models.toml"), str(root)) for k, v in models.items()}
-        self.quants = {k: QuantPreset(k, json.dumps(v.get("quant", {}), sort_keys=True), v.get("description", ""))
-                       for k, v in quants.items()}
+        self.quants = {k: _quant_preset(k, v, str(root / "quant.toml")) for k, v in quants.items()}
         where = str(root / "matrix.toml")
         self.default_dtype: dict[Backend, Dtype] = {}
         self.refusals: dict[Backend, tuple[set[str], str]] = {}
@@ -314,7 +328,10 @@ class Catalog:
             refused = set(_expand(entry.get("refuse_quants", []), self.quants, "quant preset", where))
             self.refusals[backend] = (refused, entry.get("refuse_reason", ""))
         self.device = matrix.get("defaults", {}).get("device", "cpu")
-        self.default_model = matrix.get("defaults", {}).get("model", next(iter(self.models)))
+        self.default_model = matrix.get("defaults", {}).get("model", next(iter(self.models), ""))
+        if self.default_model not in self.models:
+            raise TorchatError(f"{where}: [defaults] " + str(unknown_key_error("model", self.default_model,
+                                                                               self.models)))
         self.targets: dict[str, TargetSpec] = {}
         for entry in matrix.get("matrix", []):
             for m in _expand(entry.get("models", "*"), self.models, "model", where):
@@ -324,6 +341,8 @@ class Catalog:
                         if q in self.refusals[backend][0]:
                             continue
                         for d in entry.get("dtypes", [self.default_dtype[backend]]):
+                            if d not in list(Dtype):
+                                raise TorchatError(f"{where}: [[matrix]] " + str(unknown_key_error("dtype", d, Dtype)))
                             target = self.target(m, q, d, backend)
                             self.targets.setdefault(target.name, target)
         self._nodes: dict[tuple, Node] = {}
@@ -443,7 +462,7 @@ class Catalog:
         info = BACKENDS[backend]
         return self._node(Step.RUNNER, str(backend), {"backend": backend}, (),
                           ["--backend", backend, "--output-dir", Ref("out")], "",
-                          f"the C++ runner for {backend}", code=info.code, toolchain=info.toolchain)
+                          f"the C++ runner for {backend}", code=info.runner_code, toolchain=info.toolchain)
 
     def measure_node(self, step: Step, target: TargetSpec) -> Node:
         """An eval or bench node: it reads the target's model artifact and the converted checkpoint."""
