@@ -6,7 +6,7 @@ import sys
 import torch
 
 from torchat.generate import EagerModel, GenerationStats, Sampling, generate
-from torchat.loader import add_model_arguments, load_eager
+from torchat.loader import add_model_arguments, artifact_path, load_artifact, load_eager
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -27,11 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    model, tokenizer, _ = load_eager(args)
-    bos = tokenizer.add_bos if args.bos is None else args.bos
-    prompt = tokenizer.encode(args.prompt, bos=bos)
-    cache_len = args.max_seq_length or min(len(prompt) + args.max_new_tokens, model.args.max_seq_len)
-    text_model = EagerModel(model, cache_len, compile=args.compile, compile_prefill=args.compile_prefill)
+    exported = artifact_path(args)
+    if exported is not None:
+        text_model, tokenizer = load_artifact(args, exported)
+        prompt = tokenizer.encode(args.prompt, bos=tokenizer.add_bos if args.bos is None else args.bos)
+    else:
+        model, tokenizer, _ = load_eager(args)
+        prompt = tokenizer.encode(args.prompt, bos=tokenizer.add_bos if args.bos is None else args.bos)
+        cache_len = args.max_seq_length or min(len(prompt) + args.max_new_tokens, model.args.max_seq_len)
+        text_model = EagerModel(model, cache_len, compile=args.compile, compile_prefill=args.compile_prefill)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     print_completion(text_model, tokenizer, prompt, args.max_new_tokens, sampling, generator, args.prompt)
     return 0

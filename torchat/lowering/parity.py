@@ -1,0 +1,83 @@
+"""The check every export ends with: the artifact's logits against the eager model's on a few tokens.
+
+A prefill of a short prompt then two decode steps, on the same inputs in both; the artifact fails when any logit
+differs from eager by more than atol + rtol * max|eager logits|. This is what catches a lowering that runs but is
+silently wrong (XNNPACK's weight-only linear: errors of 200 to 3000 on logits of scale 5).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from torchat.exported import load_exported
+from torchat.model import Transformer
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float  # of the largest eager logit in the step
+
+    def allowed(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
+
+
+# Float lowerings reorder sums (fusions, XNNPACK's GEMM): ~1e-5 of the logit scale in fp32. Dynamic-activation
+# quant rounds the activations itself, so a rounding flip moves a logit by up to a few percent of the scale.
+TOLERANCES = {
+    ("fp32", False): Tolerance(1e-4, 1e-5),
+    ("bf16", False): Tolerance(0.05, 0.02),
+    ("fp16", False): Tolerance(0.05, 0.01),
+    ("fp32", True): Tolerance(0.05, 0.04),
+    ("bf16", True): Tolerance(0.1, 0.05),
+    ("fp16", True): Tolerance(0.1, 0.04),
+}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs_diff: float   # the largest |artifact - eager| over all steps
+    allowed: float        # atol + rtol * scale
+    scale: float          # max |eager logits| over all steps
+    same_argmax: bool     # every position's argmax agrees
+    steps: int
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.allowed
+
+    def summary(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        return (f"parity {verdict}: max |logits - eager| {self.max_abs_diff:.3g} (allowed {self.allowed:.3g}, "
+                f"logit scale {self.scale:.3g}) over prefill + {self.steps - 1} decode steps; argmax "
+                f"{'agrees' if self.same_argmax else 'differs'}")
+
+
+def parity_inputs(vocab_size: int, prompt_len: int = 6, decode_steps: int = 2, seed: int = 0):
+    """[(tokens (1, S), input_pos (S,))]: one prefill, then single-token decode steps."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (1, prompt_len + decode_steps), generator=generator)
+    steps = [(ids[:, :prompt_len], torch.arange(prompt_len))]
+    steps += [(ids[:, p:p + 1], torch.tensor([p])) for p in range(prompt_len, prompt_len + decode_steps)]
+    return steps
+
+
+@torch.no_grad()
+def check_parity(model: Transformer, artifact: Path, tolerance: Tolerance, max_seq_len: int) -> ParityReport:
+    """Compare `artifact` with `model` (its cache re-made here) step by step from position 0."""
+    steps = parity_inputs(model.args.vocab_size, prompt_len=min(6, max_seq_len - 2))
+    model.setup_caches(1, max_seq_len)
+    device = next(model.parameters()).device
+    exported = load_exported(artifact)
+    worst, scale, same = 0.0, 0.0, True
+    for tokens, input_pos in steps:
+        expected = model(tokens.to(device), input_pos.to(device)).float().cpu()
+        got = exported.forward(tokens, input_pos).float().cpu()
+        if got.shape != expected.shape:
+            return ParityReport(float("inf"), tolerance.allowed(scale), scale, False, len(steps))
+        diff = float((got - expected).abs().max())
+        worst = max(worst, diff if diff == diff else float("inf"))  # a NaN fails the check
+        scale = max(scale, float(expected.abs().max()))
+        same = same and bool((got.argmax(-1) == expected.argmax(-1)).all())
+    return ParityReport(worst, tolerance.allowed(scale), scale, same, len(steps))
