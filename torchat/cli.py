@@ -15,6 +15,7 @@ VERBS = {
     "generate": "torchat.generate_cli",
     "chat": "torchat.chat",
     "convert": "torchat.convert",
+    "quantize": "torchat.quantize_cli",
     "export": "torchat.export_cli",
     "download": "torchat.manage",
     "list": "torchat.manage",

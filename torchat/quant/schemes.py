@@ -1,0 +1,109 @@
+"""The quantization schemes, one registry entry each, keyed by the --quant token (after torchat.quant.spec's
+aliases): what each quantizes, how, and on which backends its numbers are right."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from torchat.errors import TorchatError
+from torchat.quant.int4 import Int4WeightOnlyLinear
+from torchat.quant.int8 import Int8WeightOnlyLinear
+from torchat.quant.intx import Int8DynActInt4Linear, QuantizedEmbedding
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("aoti", "eager", "et")
+
+# module name -> the new module, or a string saying why that module was left as it is
+Results = dict[str, "nn.Module | str"]
+
+_WEIGHT_ONLY_ET = ("weight-only linear quantization lowered to ExecuTorch's XNNPACK delegate gives silently wrong "
+                   "logits (its scales are dropped: errors of 200-3000 on a logit scale of 5)")
+_TINYGEMM_ET = ("the int4 tinygemm kernel (aten._weight_int4pack_mm_for_cpu) has no ExecuTorch kernel, and the "
+                "weight-only int4 forms XNNPACK takes give silently wrong logits")
+_ET_FIX = "use linear:8da4w (int8 dynamic activations, int4 weights), which XNNPACK runs correctly"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """target: the module type it replaces (None: the whole model); quantize(model, candidates, options,
+    calibration) -> Results; refused: backend -> why its numbers would be wrong or it cannot run there."""
+
+    target: type | None
+    quantize: Callable[[nn.Module, dict[str, nn.Module], dict, object], Results]
+    refused: dict[str, str]
+    description: str
+
+
+def _linear_fits(linear: nn.Linear) -> str | None:
+    if linear.bias is not None:
+        return "has a bias (the quantized linears are bias-free, like every llama-family linear)"
+    return None
+
+
+def _per_linear(build: Callable[[nn.Linear, dict], nn.Module]):
+    def quantize(model, candidates, options, calibration) -> Results:
+        return {name: _linear_fits(linear) or build(linear, options) for name, linear in candidates.items()}
+    return quantize
+
+
+def _quantize_embedding(model, candidates, options, calibration) -> Results:
+    results: Results = {}
+    group = options["group_size"]
+    for name, embedding in candidates.items():
+        dim = embedding.embedding_dim
+        if group and dim % group:
+            results[name] = f"embedding dim {dim} is not a multiple of group_size {group}"
+        else:
+            results[name] = QuantizedEmbedding.from_float(embedding.weight, options["bitwidth"], group)
+    return results
+
+
+def _quantize_gptq(model, candidates, options, calibration) -> Results:
+    from torchat.quant.gptq import gptq_quantize_model
+
+    if calibration is None:
+        raise TorchatError("linear:gptq needs calibration text: bake with `torchat quantize` (it calibrates on the "
+                           "shipped English text), or pass calibration_tokens (a token tensor or the tokenizer)")
+    if isinstance(calibration, torch.Tensor):
+        tokens = calibration
+    else:  # a tokenizer: windows of the calibration split of the English text
+        from torchat.quant.calibration import calibration_tokens
+
+        tokens = calibration_tokens(calibration, options["calibration_limit"], options["calibration_seq_length"])
+    results: Results = {name: reason for name, linear in candidates.items() if (reason := _linear_fits(linear))}
+    names = [name for name in candidates if name not in results]
+    results |= gptq_quantize_model(model, names, tokens.to(next(model.parameters()).device),
+                                   options["group_size"], options["blocksize"], options["percdamp"])
+    return results
+
+
+QUANTIZERS: dict[str, Scheme] = {
+    "embedding": Scheme(nn.Embedding, _quantize_embedding, {},
+                        "int8 (per row or group-wise) or int4 (group-wise) symmetric embedding table"),
+    "linear:int8": Scheme(nn.Linear, _per_linear(lambda m, o: Int8WeightOnlyLinear.from_float(m.weight, o["group_size"])),
+                          {"et": f"{_WEIGHT_ONLY_ET}; {_ET_FIX}"},
+                          "int8 weight-only linear, symmetric, per channel (group_size 0) or group-wise"),
+    "linear:int4": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight, o["group_size"])),
+                          {"et": f"{_TINYGEMM_ET}; {_ET_FIX}"},
+                          "int4 weight-only linear, asymmetric group-wise, min/max scales (tinygemm layout)"),
+    "linear:8da4w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt4Linear.from_float(m.weight,
+                                                                                               o["group_size"])),
+                           {}, "int8 per-token dynamic activations, int4 symmetric group-wise weights"),
+    "linear:gptq": Scheme(nn.Linear, _quantize_gptq, {"et": f"{_TINYGEMM_ET}; {_ET_FIX}"},
+                          "int4 weight-only linear with GPTQ error compensation, calibrated on English text"),
+    "linear:hqq": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight,
+                                                                                             o["group_size"], "hqq")),
+                         {"et": f"{_TINYGEMM_ET}; {_ET_FIX}"},
+                         "int4 weight-only linear with HQQ-fitted scales and zeros"),
+    "precision": Scheme(None, lambda *args: {}, {}, "the float dtype of the model (applied before any quantizer)"),
+}
+
+
+def padding_of(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, padded) for a quantized linear whose input dim was padded to its group size."""
+    padded = getattr(module, "padded_in", None)
+    if padded is not None and padded != module.in_features:
+        return module.in_features, padded
+    return None
