@@ -264,6 +264,7 @@ def realize(node: Node) -> tuple[Path, dict]:
                             "inputs": {r: d.relative_to(artifacts_dir()).as_posix() for r, d in dirs.items()},
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 _write_manifest(tmp, manifest)
+                os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the artifact from other users' runners
                 if final.exists():  # an incomplete or tampered directory under the final name
                     remove_artifact(final)
                 os.rename(tmp, final)
