@@ -146,3 +146,17 @@ def load_artifact(args: argparse.Namespace, path: Path):
         raise TorchatError(f"the tokenizer has {tokenizer.vocab_size} tokens but {path.name} only "
                            f"{metadata.vocab_size}; pass the model's own --tokenizer-path")
     return model, tokenizer
+
+
+def load_text_model(args: argparse.Namespace, max_seq_len: int | None = None):
+    """(TextModel, tokenizer): the exported artifact a --*-path flag names, else the eager model with a KV cache
+    of max_seq_len (default: the model's context). For chat, eval and anything else that runs a TextModel."""
+    from torchat.generate import EagerModel
+
+    path = artifact_path(args)
+    if path is not None:
+        return load_artifact(args, path)
+    model, tokenizer, _ = load_eager(args)
+    cache_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+    return EagerModel(model, cache_len, compile=getattr(args, "compile", False),
+                      compile_prefill=getattr(args, "compile_prefill", False)), tokenizer
