@@ -123,10 +123,11 @@ def test_editing_one_steps_code_reruns_that_steps_tasks_only(env, tmp_path):
     (repo / "torchat" / "lowering" / "edited_by_test.py").write_text("# a change to the lowering code\n")
     assert ran(doit(env, "build", dodo=repo / "dodo.py")) == {
         f"build:{m}-{q}-{b}" for m in ("alpha", "beta") for q in ("none", "q8") for b in ("aoti", "et")}
-    with open(repo / "torchat" / "convert.py", "a") as f:
-        f.write("# a change to the convert code\n")
-    # convert reruns; its outputs are the same bytes, so nothing downstream does
-    assert ran(doit(env, "build", dodo=repo / "dodo.py")) == {"convert:alpha", "convert:beta"}
+    with open(repo / spec.verb_code_path(spec.STEPS[spec.Step.QUANTIZE].verb), "a") as f:
+        f.write("# a change to the quantize verb\n")
+    # quantize reruns; its outputs are the same bytes, so nothing downstream does
+    assert ran(doit(env, "build", dodo=repo / "dodo.py")) == {
+        f"quantize:{m}-{q}-{d}" for m in ("alpha", "beta") for q in ("none", "q8") for d in ("bf16", "fp32")}
 
 
 def test_deleting_the_doit_database_rebuilds_nothing_and_keeps_artifacts_valid(env, tmp_path):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from torchat import spec
+
 ROOT = Path(__file__).resolve().parent.parent
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
@@ -116,3 +118,22 @@ def test_the_scanner_sees_relative_and_nested_imports(tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "torchat.quant.base", package / "base.py")
     assert {"torchat.quant", "torchat.quant.base", "torchat.lowering", "doit"} <= imports(package / "int4.py")
     assert "doit" not in imports(package / "int4.py", at_import_time=True)
+
+
+# the CLI, the graph and the fetching plumbing: every verb reaches them, none of them shapes a step's output
+PLUMBING = {"torchat", "torchat.cli", "torchat.errors", "torchat.spec", "torchat.store", "torchat.manage",
+            "torchat.sources", "torchat.assets"}
+
+
+@pytest.mark.parametrize("step", [s for s in spec.STEPS if s != spec.Step.DOWNLOAD])
+def test_each_steps_declared_code_covers_what_its_verb_imports(step):
+    """spec.STEPS lists the code whose digest enters a step's key; a module missing there would let an edit
+    leave a stale artifact looking current."""
+    verb = spec.STEPS[step].verb
+    if spec.verb_code_path(verb) is None or not (ROOT / spec.verb_code_path(verb)).exists():
+        pytest.skip(f"`torchat {verb}` does not exist yet")
+    declared = (*spec.STEPS[step].code, spec.verb_code_path(verb))
+    for name in closure([spec.VERBS[verb]], at_import_time=False) - PLUMBING:
+        path = MODULES[name].relative_to(ROOT).as_posix()
+        assert any(path == p or path.startswith(p + "/") for p in declared), (
+            f"`torchat {verb}` runs {name}; add {path} (or its package) to STEPS[{step}].code in torchat/spec.py")

@@ -91,7 +91,7 @@ def test_nodes_chain_and_share(tiny):
     build = tiny.build_node(aoti)
     assert [d.task for _, d in build.deps] == ["quantize:alpha-q8-bf16"]
     quantize = build.deps[0][1]
-    assert json.loads(quantize.spec) == {"quant": {"linear:int8": {"groupsize": 0}}, "dtype": "bf16"}
+    assert json.loads(quantize.spec) == {"quant": [["linear:int8", {"groupsize": 0}]], "dtype": "bf16"}
     assert quantize.args[:4] == ("--checkpoint-dir", spec.Ref("checkpoint"), "--quant", '{"linear:int8": '
                                                                                          '{"groupsize": 0}}')
     assert tiny.build_node(eager).verb is None and tiny.build_node(eager).deps[0][1] is quantize
@@ -110,7 +110,9 @@ def test_node_code_lists_the_verb_module_and_the_steps_packages(tiny):
     assert "torchat/convert.py" in convert.code and "torchat/checkpoint" in convert.code
     assert "torchat/lowering" not in convert.code
     build = tiny.build_node(tiny.parse_target("alpha-q8-aoti"))
-    assert "torchat/lowering" in build.code and "torchat/checkpoint" not in build.code
+    assert "torchat/lowering" in build.code and "torchat/quant" in build.code
+    quantize = build.deps[0][1]
+    assert "torchat/lowering" not in quantize.code and spec.verb_code_path("quantize") in quantize.code
     assert tiny.download_node(tiny.models["alpha"]).toolchain == ()
 
 
@@ -181,3 +183,11 @@ def test_the_default_model_must_be_known(tmp_path):
                                                                                  'model = "gamma"'))
     with pytest.raises(TorchatError, match=r"\[defaults\] unknown model 'gamma'; choose one of: alpha, beta"):
         spec.load_catalog(root)
+
+
+def test_the_order_of_quant_schemes_is_kept(real):
+    quant = real.quants["8da4w-emb4"]
+    assert list(quant.options) == ["linear:a8w4dq", "embedding"]
+    node = real.quantize_node(real.models["smollm2-135m"], quant, spec.Dtype.FP32)
+    assert [scheme for scheme, _ in json.loads(node.spec)["quant"]] == ["linear:a8w4dq", "embedding"]
+    assert node.args[3] == quant.quant_json

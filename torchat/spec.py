@@ -65,26 +65,25 @@ class StepInfo:
     toolchain: tuple[str, ...]   # distributions whose versions enter the key
 
 
-_MODEL_CODE = ("torchat/model.py",)
+# What each step runs besides its verb's module, as packages and files; tests/test_layering.py checks that these
+# cover every torchat module the verb imports (at any depth), so the lists cannot drift from the code.
+_LOAD = ("torchat/model.py", "torchat/configs.py", "torchat/checkpoint", "torchat/loader.py", "torchat/tokenizers",
+         "torchat/exported.py", "torchat/generate.py")
+_RUN = (*_LOAD, "torchat/quant")
 STEPS: dict[Step, StepInfo] = {
     # a pinned sha256 fully determines a download's output: no toolchain; its code (the verb) only decides how
-    Step.DOWNLOAD: StepInfo("download", "the build-graph issue (torchat/manage.py)", (), ()),
-    Step.CONVERT: StepInfo("convert", "the checkpoint-conversion work (torchat/convert.py)",
-                           ("torchat/checkpoint", "torchat/configs.py", "torchat/tokenizers", *_MODEL_CODE),
+    Step.DOWNLOAD: StepInfo("download", "the build-graph issue (torchat/manage.py)", ("torchat/sources.py",), ()),
+    Step.CONVERT: StepInfo("convert", "the checkpoint-conversion work (torchat/convert.py)", _LOAD,
                            ("torch", "safetensors", "gguf", "numpy", "sentencepiece", "tiktoken", "tokenizers")),
-    Step.QUANTIZE: StepInfo("quantize", "the quantization issue", ("torchat/quant", *_MODEL_CODE),
+    Step.QUANTIZE: StepInfo("quantize", "the quantization issue", (*_LOAD, "torchat/quant", "torchat/assets.py"),
                             ("torch", "torchao", "safetensors")),
     Step.BUILD: StepInfo("export", "the lowering issue (AOTI / ExecuTorch export)",
-                         ("torchat/lowering", "torchat/quant", *_MODEL_CODE), ("torch", "torchao")),
+                         (*_RUN, "torchat/lowering", "torchat/convert.py"), ("torch", "torchao")),
     Step.TOKENIZER: StepInfo("tokenizer-bin", "the C++ runner issue (tokenizer.bin)", ("torchat/tokenizers",),
                              ("sentencepiece", "tiktoken", "tokenizers")),
     Step.RUNNER: StepInfo("runner", "the C++ runner issue", (), ("torch", "executorch", "cmake")),
-    Step.EVAL: StepInfo("eval", "the evaluation issue",
-                        ("torchat/generate.py", "torchat/lowering", "torchat/quant", "torchat/tokenizers",
-                         *_MODEL_CODE), ("torch", "torchao", "executorch", "lm-eval")),
-    Step.BENCH: StepInfo("bench", "the benchmark issue",
-                         ("torchat/generate.py", "torchat/lowering", "torchat/quant", "torchat/tokenizers",
-                          *_MODEL_CODE), ("torch", "torchao", "executorch")),
+    Step.EVAL: StepInfo("eval", "the evaluation issue", _RUN, ("torch", "torchao", "executorch", "lm-eval")),
+    Step.BENCH: StepInfo("bench", "the benchmark issue", _RUN, ("torch", "torchao", "executorch")),
 }
 
 
@@ -156,7 +155,7 @@ class ModelSpec:
 @dataclass(frozen=True)
 class QuantPreset:
     key: str
-    quant_json: str  # canonical JSON (sorted keys) in the schema of the quantization issue
+    quant_json: str  # the quant JSON (torchat/quant/spec.py), in its file's order: schemes apply in order
     description: str = ""
 
     @property
@@ -292,7 +291,7 @@ def _quant_preset(key: str, entry: dict, where: str) -> QuantPreset:
                                                                                                  "description"}:
         raise TorchatError(f"{where}: [{key}] must hold `quant = {{...}}` (the quant JSON; {{}} for none) and "
                            "optionally `description`, nothing else")
-    return QuantPreset(key, json.dumps(entry["quant"], sort_keys=True), entry.get("description", ""))
+    return QuantPreset(key, json.dumps(entry["quant"]), entry.get("description", ""))
 
 
 def _expand(value, universe: dict, kind: str, where: str) -> list[str]:
@@ -427,7 +426,7 @@ class Catalog:
                           f"convert {model.key} ({model.format}) to torchat's checkpoint")
 
     def quantize_node(self, model: ModelSpec, quant: QuantPreset, dtype: Dtype) -> Node:
-        spec = {"quant": quant.options, "dtype": dtype}
+        spec = {"quant": list(quant.options.items()), "dtype": dtype}  # pairs: the key keeps the order
         args = ["--checkpoint-dir", Ref("checkpoint"), "--quant", quant.quant_json, "--dtype", dtype,
                 "--output-dir", Ref("out")]
         return self._node(Step.QUANTIZE, f"{model.key}-{quant.key}-{dtype}", spec,
