@@ -191,3 +191,10 @@ def test_the_order_of_quant_schemes_is_kept(real):
     node = real.quantize_node(real.models["smollm2-135m"], quant, spec.Dtype.FP32)
     assert [scheme for scheme, _ in json.loads(node.spec)["quant"]] == ["linear:a8w4dq", "embedding"]
     assert node.args[3] == quant.quant_json
+
+
+def test_exports_pass_device_and_a_capped_kv_cache(real):
+    node = real.build_node(real.parse_target("smollm2-135m-8da4w-et"))
+    assert node.args[node.args.index("--max-seq-length") + 1] == "2048"  # SmolLM2's context is 8192
+    assert node.args[node.args.index("--device") + 1] == "cpu"
+    assert json.loads(node.spec)["max_seq_len"] == 2048

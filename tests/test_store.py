@@ -122,7 +122,7 @@ def test_realize_publishes_a_manifest_with_the_whole_preimage(tiny, tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.pt2"]
     assert manifest["key"] == store.sha256_json(manifest["preimage"])
     pre = manifest["preimage"]
-    assert pre["spec"] == {"backend": "aoti", "device": "cpu", "dtype": "bf16"}
+    assert pre["spec"] == {"backend": "aoti", "device": "cpu", "dtype": "bf16", "max_seq_len": 256}
     assert set(pre["inputs"]) == {"checkpoint"} and "model.safetensors" in pre["inputs"]["checkpoint"]["outputs"]
     assert "torchat/model.py" in pre["code"] and {"python", "torch", "torchao"} <= set(pre["toolchain"])
     out = manifest["outputs"]["model.pt2"]

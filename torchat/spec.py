@@ -327,6 +327,7 @@ class Catalog:
             refused = set(_expand(entry.get("refuse_quants", []), self.quants, "quant preset", where))
             self.refusals[backend] = (refused, entry.get("refuse_reason", ""))
         self.device = matrix.get("defaults", {}).get("device", "cpu")
+        self.max_seq_len = int(matrix.get("defaults", {}).get("max_seq_len", 2048))  # the KV cache of exports
         self.default_model = matrix.get("defaults", {}).get("model", next(iter(self.models), ""))
         if self.default_model not in self.models:
             raise TorchatError(f"{where}: [defaults] " + str(unknown_key_error("model", self.default_model,
@@ -441,12 +442,13 @@ class Catalog:
     def build_node(self, target: TargetSpec) -> Node:
         info = BACKENDS[target.backend]
         quantized = self.quantize_node(target.model, target.quant, target.dtype)
-        spec = {"backend": target.backend, "dtype": target.dtype, "device": self.device}
+        max_seq_len = min(KNOWN_CONFIGS[target.model.config].get("max_seq_len", self.max_seq_len), self.max_seq_len)
+        spec = {"backend": target.backend, "dtype": target.dtype, "device": self.device, "max_seq_len": max_seq_len}
         if info.output is None:
             return self._node(Step.BUILD, target.name, spec, [("checkpoint", quantized)], (), target.model.key,
                               f"{target.name}: the quantized checkpoint, run eagerly", alias=True)
-        args = ["--checkpoint-dir", Ref("checkpoint"), "--dtype", target.dtype, info.export_flag,
-                Ref("out", info.output)]
+        args = ["--checkpoint-dir", Ref("checkpoint"), "--dtype", target.dtype, "--device", self.device,
+                "--max-seq-length", str(max_seq_len), info.export_flag, Ref("out", info.output)]
         return self._node(Step.BUILD, target.name, spec, [("checkpoint", quantized)], args, target.model.key,
                           f"lower {target.quantized_name} to {target.backend} ({info.output})",
                           toolchain=info.toolchain)
