@@ -261,6 +261,6 @@ def test_real_download_and_convert(tmp_path, frozen_repo, mistral_sentencepiece)
         result = doit(env, "build:tiny-none-aoti", check=False)
         assert result.returncode == 1 and "`torchat quantize` does not exist yet" in result.stderr
     else:  # eager's artifact is the quantized checkpoint
-        assert ran(doit(env, "build:tiny-none-eager")) == {"quantize:tiny-none-bf16", "build:tiny-none-eager"}
+        assert "quantize:tiny-none-bf16" in ran(doit(env, "build:tiny-none-eager"))
         (quantized,) = (tmp_path / "artifacts" / "quantize").glob("*-tiny-none-bf16")
         assert store.check_artifact(quantized) and (quantized / "model.safetensors").is_file()
