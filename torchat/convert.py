@@ -11,17 +11,11 @@ import tempfile
 from pathlib import Path
 
 from torchat.errors import TorchatError
-from torchat.loader import TORCH_DTYPES, DType, checkpoint_path
+from torchat.loader import TORCH_DTYPES, DType, add_checkpoint_arguments, checkpoint_path
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--checkpoint-path", type=Path, help="the source checkpoint (default: the default model)")
-    parser.add_argument("--checkpoint-dir", type=Path)
-    parser.add_argument("--gguf-path", type=Path)
-    parser.add_argument("--format", help="source format, detected when omitted (gguf, llama2c, meta, hf, torchat)")
-    parser.add_argument("--params-table")
-    parser.add_argument("--params-path", type=Path)
-    parser.add_argument("--tokenizer-path", type=Path, help="tokenizer to ship with the model")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--dtype", default=DType.fp32, choices=list(DType))
     parser.add_argument("--output-dir", type=Path, required=True)
 

@@ -23,7 +23,8 @@ TORCH_DTYPES = {DType.fp32: torch.float32, DType.fp16: torch.float16, DType.bf16
 DEFAULT_MODEL_ASSET = "smollm2-135m-gguf"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The flags that name a checkpoint (convert uses these alone)."""
     parser.add_argument("model", nargs="?", metavar="MODEL",
                         help="a model of targets/models.toml (default: smollm2-135m, unless a path flag names one)")
     group = parser.add_argument_group("model")
@@ -36,6 +37,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--params-table", help="a known config name (see torchat/configs.py)")
     group.add_argument("--params-path", type=Path, help="a JSON file of ModelArgs fields")
     group.add_argument("--tokenizer-path", type=Path, help="tokenizer file; found beside the checkpoint if omitted")
+    return group
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint flags plus tokenizer kind, dtype, device and the exported-artifact paths."""
+    group = add_checkpoint_arguments(parser)
     group.add_argument("--tokenizer", "--tokenizer-kind", dest="tokenizer_kind",
                        help="tokenizer kind, detected when omitted (sentencepiece, tiktoken, hf, gguf)")
     group.add_argument("--tiktoken", dest="tokenizer_kind", action="store_const", const="tiktoken",
