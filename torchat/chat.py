@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--chat-template", help="jinja (the tokenizer's own), llama3 or llama2; chosen from the "
                                                 "tokenizer when omitted")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
-    parser.add_argument("--max-seq-length", type=int, default=2048, help="the context (KV cache) length")
+    parser.add_argument("--max-seq-length", type=int, default=None,
+                        help="the context (KV cache) length (default: 2048 eager, an artifact's own)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -96,14 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchat.generate import EagerModel
-    from torchat.loader import load_eager
+    from torchat.loader import load_text_model
     from torchat.tokenizers import StreamDecoder
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    model, tokenizer, _ = load_eager(args)
-    text_model = EagerModel(model, min(args.max_seq_length, model.args.max_seq_len), args.compile,
-                            args.compile_prefill)
+    text_model, tokenizer = load_text_model(args, args.max_seq_length or 2048)
     template = pick_template(tokenizer, args.chat_template)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     session = ChatSession(text_model, tokenizer, template, sampling, args.max_new_tokens, args.system, generator)
