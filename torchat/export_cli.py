@@ -9,12 +9,13 @@ before it is published; its tokenizer is written beside it (see --tokenizer-copy
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+
+import torch
 
 from torchat.errors import TorchatError
 from torchat.loader import TORCH_DTYPES, add_model_arguments, checkpoint_path, find_tokenizer
@@ -49,51 +50,39 @@ def output_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def quant_records(specs: list) -> list:
-    """The quant specs as JSON values, for the artifact's metadata."""
-    records = []
-    for spec in specs:
-        if hasattr(spec, "to_dict"):
-            records.append(spec.to_dict())
-        elif dataclasses.is_dataclass(spec):
-            records.append(json.loads(json.dumps(dataclasses.asdict(spec), default=str)))
-        else:
-            records.append(str(spec))
-    return records
+def quant_specs(args: argparse.Namespace, path: Path) -> list:
+    """The quant specs of --quant, or of the baked checkpoint's quant.json; [] when not quantized."""
+    baked = path.is_dir() and (path / "quant.json").is_file()
+    if baked and args.quant:
+        raise TorchatError(f"{path} is already quantized (quant.json); drop --quant")
+    if not baked and not args.quant:
+        return []
+    from torchat.quant import QuantSpec, parse_quant
+
+    if args.quant:
+        return parse_quant(args.quant)
+    manifest = json.loads((path / "quant.json").read_text())
+    return [QuantSpec(spec["scheme"], spec["options"]) for spec in manifest["specs"]]
 
 
-def _quant_module():
-    try:
-        import torchat.quant as quant
-        quant.parse_quant  # noqa: B018 - the module exists before its API lands
-    except (ImportError, AttributeError):
-        raise TorchatError("quantization (torchat.quant) is not available in this torchat; export without "
-                           "--quant") from None
-    return quant
-
-
-def load_model(args: argparse.Namespace):
-    """(model, quant specs, tokenizer or None, tokenizer source path or None) from the flags."""
+def load_model(args: argparse.Namespace, path: Path, specs: list):
+    """(model quantized by `specs`, tokenizer or None, tokenizer source path or None) from the flags."""
     from torchat.checkpoint import build_model, read_checkpoint, resolve_args
     from torchat.tokenizers import load_tokenizer
 
-    path = checkpoint_path(args)
     if path.is_dir() and (path / "quant.json").is_file():
-        if args.quant:
-            raise TorchatError(f"{path} is already quantized (quant.json); drop --quant")
-        quant = _quant_module()
-        specs = quant.parse_quant((path / "quant.json").read_text())
-        model = quant.load_quantized(path, args.device)
-        metadata = {}
+        from torchat.quant import load_quantized
+
+        model, metadata = load_quantized(path, args.device), {}
     else:
         checkpoint = read_checkpoint(path, args.format, resolve_args(args.params_table, args.params_path))
         model = build_model(checkpoint, TORCH_DTYPES[args.dtype], args.device)
         metadata = checkpoint.metadata
-        specs = []
-        if args.quant:
-            quant = _quant_module()
-            specs = quant.parse_quant(args.quant)
-            print(quant.quantize_model(model, specs), file=sys.stderr)
+        if specs:
+            from torchat.quant import quantize_model
+
+            with torch.no_grad():
+                print(quantize_model(model, specs).summary(), file=sys.stderr)
     dtype = model.norm.weight.dtype
     if dtype != TORCH_DTYPES[args.dtype]:
         raise TorchatError(f"{path} holds a {dtype} model but --dtype is {args.dtype}; pass the --dtype it was "
@@ -103,8 +92,8 @@ def load_model(args: argparse.Namespace):
     except TorchatError:
         print(f"torchat export: no tokenizer beside {path}; the artifact names none (pass --tokenizer-path)",
               file=sys.stderr)
-        return model, specs, None, None
-    return model, specs, load_tokenizer(source, args.tokenizer_kind), Path(source)
+        return model, None, None
+    return model, load_tokenizer(source, args.tokenizer_kind), Path(source)
 
 
 def copy_tokenizer(source: Path, kind: str, directory: Path) -> str:
@@ -132,15 +121,18 @@ def run(args: argparse.Namespace) -> int:
 
     output = output_path(args)
     lowering = lowering_for(output)
-    check_supported(lowering, args.dtype, args.device, [])  # fail before loading on a wrong dtype or device
-    model, specs, tokenizer, tokenizer_source = load_model(args)
+    path = checkpoint_path(args)
+    specs = quant_specs(args, path)
+    # refuse a wrong dtype, device or quant scheme before minutes of loading and lowering
+    check_supported(lowering, args.dtype, args.device, specs)
+    model, tokenizer, tokenizer_source = load_model(args, path, specs)
     max_seq_len = args.max_seq_length or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     tokenizer_file = None
     if tokenizer is not None:
         tokenizer_file = tokenizer_source.name if not args.tokenizer_copy else \
             ("tokenizer.gguf" if tokenizer.kind == "gguf" else tokenizer_source.name)
     report = export_model(model, output, max_seq_len=max_seq_len, dtype=str(args.dtype), device=args.device,
-                          quant=quant_records(specs), quant_specs=specs, tokenizer=tokenizer,
+                          quant=[spec.to_dict() for spec in specs], quant_specs=specs, tokenizer=tokenizer,
                           tokenizer_file=tokenizer_file)
     if tokenizer is not None and args.tokenizer_copy:
         copy_tokenizer(tokenizer_source, tokenizer.kind, output.parent)

@@ -15,7 +15,7 @@ from torchat.checkpoint.canonical import write_canonical
 from torchat.cli import main
 from torchat.model import ModelArgs, Transformer
 
-TINY_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, hidden_dim=160, max_seq_len=128)
+TINY_ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=160, max_seq_len=128)
 MAX_SEQ_LEN = 48
 
 

@@ -1,0 +1,59 @@
+"""Quantized exports reproduce the eager quantized model, and the combinations a backend would run wrongly are
+refused before anything is lowered."""
+
+import json
+
+import pytest
+import torch
+from lowering_fixtures import MAX_SEQ_LEN, export_tiny, tiny_checkpoint, tiny_transformer  # noqa: F401
+
+from torchat.cli import main
+from torchat.exported import load_exported, read_metadata
+from torchat.generate import EagerModel, Sampling, generate
+from torchat.lowering.parity import TOLERANCES
+from torchat.quant import parse_quant, quantize_model
+
+# (quant JSON, artifact suffix): what XNNPACK runs correctly, and AOTI's own int4 path
+SUPPORTED = [
+    ({"linear:8da4w": {"group_size": 32}, "embedding": {"bitwidth": 4, "group_size": 32}}, ".pte"),
+    ({"embedding": {"bitwidth": 8, "group_size": 0}}, ".pte"),
+    ({"linear:8da4w": {"group_size": 32}}, ".pt2"),
+    ({"linear:int4": {"group_size": 32}}, ".pt2"),
+]
+
+
+def eager_quantized(quant: dict) -> EagerModel:
+    model = tiny_transformer()
+    with torch.no_grad():
+        quantize_model(model, parse_quant(json.dumps(quant)))
+    return EagerModel(model, MAX_SEQ_LEN)
+
+
+@pytest.mark.parametrize("quant, suffix", SUPPORTED, ids=lambda v: v if isinstance(v, str) else "+".join(v))
+def test_quantized_artifact_reproduces_eager_quantized(tiny_checkpoint, tmp_path, quant, suffix):
+    output = tmp_path / f"model{suffix}"
+    export_tiny(tiny_checkpoint, output, "--quant", json.dumps(quant))
+    exported, eager = load_exported(output), eager_quantized(quant)
+    assert [spec["scheme"] for spec in read_metadata(output).quant] == [s.scheme for s in parse_quant(json.dumps(quant))]
+    tolerance = TOLERANCES[("fp32", True)]
+    prompt = [11, 250, 3, 42, 97, 5]
+    eager_tokens = list(generate(eager, prompt, 24, Sampling()))
+    # teacher-forced along eager's greedy path, so one flipped argmax does not derail the comparison
+    steps = [(torch.tensor([prompt]), torch.arange(len(prompt)))]
+    steps += [(torch.tensor([[t]]), torch.tensor([len(prompt) + i])) for i, t in enumerate(eager_tokens[:-1])]
+    with torch.inference_mode():
+        for tokens, positions in steps:
+            expected, got = eager.forward(tokens, positions), exported.forward(tokens, positions)
+            assert (got - expected).abs().max() <= tolerance.allowed(float(expected.abs().max()))
+    if suffix == ".pt2":  # AOTI runs the same quantized kernels as eager: the same greedy tokens
+        assert list(generate(exported, prompt, 24, Sampling())) == eager_tokens
+
+
+@pytest.mark.parametrize("scheme", ["linear:int8", "linear:int4", "linear:hqq"])
+def test_weight_only_linear_to_executorch_is_refused(tiny_checkpoint, tmp_path, capsys, scheme):
+    rc = main(["export", "--checkpoint-dir", str(tiny_checkpoint), "--output-pte-path", str(tmp_path / "m.pte"),
+               "--quant", json.dumps({scheme: {"group_size": 32}})])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "refused for backend et" in err and "8da4w" in err
+    assert not any(tmp_path.iterdir())
