@@ -89,6 +89,7 @@ class JsonScanner {
         return;
       }
       while (true) {
+        ws();
         if (c == '{') {
           string();
           ws();

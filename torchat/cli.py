@@ -17,6 +17,8 @@ VERBS = {
     "convert": "torchat.convert",
     "quantize": "torchat.quantize_cli",
     "export": "torchat.export_cli",
+    "tokenizer-bin": "torchat.tokenizer_bin",
+    "runner": "torchat.runner_build",
     "download": "torchat.manage",
     "list": "torchat.manage",
     "where": "torchat.manage",

@@ -8,9 +8,11 @@ files and distributions whose versions enter its key. Nothing here runs anything
 Standard library only (plus the torch-free torchat.configs and torchat.cli tables): `doit list` loads this.
 """
 
+import functools
 import json
 import os
 import re
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -79,7 +81,8 @@ STEPS: dict[Step, StepInfo] = {
                             ("torch", "torchao", "safetensors")),
     Step.BUILD: StepInfo("export", "the lowering issue (AOTI / ExecuTorch export)",
                          (*_RUN, "torchat/lowering", "torchat/convert.py"), ("torch", "torchao")),
-    Step.TOKENIZER: StepInfo("tokenizer-bin", "the C++ runner issue (tokenizer.bin)", ("torchat/tokenizers",),
+    Step.TOKENIZER: StepInfo("tokenizer-bin", "the C++ runner issue (tokenizer.bin)",
+                             ("torchat/tokenizers", "torchat/templates.py"),
                              ("sentencepiece", "tiktoken", "tokenizers")),
     Step.RUNNER: StepInfo("runner", "the C++ runner issue", (), ("torch", "executorch", "cmake")),
     Step.EVAL: StepInfo("eval", "the evaluation issue", _RUN, ("torch", "torchao", "executorch", "lm-eval")),
@@ -99,8 +102,8 @@ class BackendInfo:
 
 BACKENDS: dict[Backend, BackendInfo] = {
     Backend.EAGER: BackendInfo(None, None, (), ()),
-    Backend.AOTI: BackendInfo("model.pt2", "--output-aoti-package-path", ("runner-aoti",), ()),
-    Backend.ET: BackendInfo("model.pte", "--output-pte-path", ("runner-et",), ("executorch",)),
+    Backend.AOTI: BackendInfo("model.pt2", "--output-aoti-package-path", ("runner", "runner-aoti"), ()),
+    Backend.ET: BackendInfo("model.pte", "--output-pte-path", ("runner", "runner-et"), ("executorch",)),
 }
 RUNNER_BACKENDS = [b for b, info in BACKENDS.items() if info.output]
 PER_MODEL_STEPS = (Step.DOWNLOAD, Step.CONVERT, Step.TOKENIZER)
@@ -209,6 +212,19 @@ class Node:
 
     def __repr__(self) -> str:  # doit prints uptodate arguments; the task name says which node
         return f"Node({self.task})"
+
+
+@functools.cache
+def native_toolchain() -> dict[str, str]:
+    """The C++ compiler's and cmake's versions, which enter the runner step's key (a few ms: runner nodes only)."""
+    found = {}
+    for name, argv in (("cxx", [os.environ.get("CXX", "c++"), "--version"]), ("cmake", ["cmake", "--version"])):
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            found[name] = result.stdout.splitlines()[0].strip() if result.stdout else "absent"
+        except OSError:
+            found[name] = "absent"
+    return found
 
 
 def targets_dir() -> Path:
@@ -461,7 +477,7 @@ class Catalog:
 
     def runner_node(self, backend: Backend) -> Node:
         info = BACKENDS[backend]
-        return self._node(Step.RUNNER, str(backend), {"backend": backend}, (),
+        return self._node(Step.RUNNER, str(backend), {"backend": backend, "native": native_toolchain()}, (),
                           ["--backend", backend, "--output-dir", Ref("out")], "",
                           f"the C++ runner for {backend}", code=info.runner_code, toolchain=info.toolchain)
 

@@ -71,11 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torchat.loader import find_tokenizer
     from torchat.tokenizers import load_tokenizer
 
-    path = args.tokenizer_path or find_tokenizer(args.checkpoint_dir, {})
-    tokenizer = load_tokenizer(path, args.tokenizer_kind)
+    # a converted checkpoint directory holds one tokenizer file (tokenizer.model, tokenizer.json or tokenizer.gguf)
+    tokenizer = load_tokenizer(args.tokenizer_path or args.checkpoint_dir, args.tokenizer_kind)
     data = build_tokenizer_bin(tokenizer, args.chat_format)
     write_atomically(Path(args.output), data)
     print(f"wrote {args.output} ({len(data) / 2**20:.1f} MiB, {tokenizer.kind}, {tokenizer.vocab_size} tokens)")
