@@ -17,6 +17,7 @@ VERBS = {
     "convert": "torchat.convert",
     "quantize": "torchat.quantize_cli",
     "export": "torchat.export_cli",
+    "eval": "torchat.eval_cli",
     "tokenizer-bin": "torchat.tokenizer_bin",
     "runner": "torchat.runner_build",
     "download": "torchat.manage",
