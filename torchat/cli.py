@@ -17,6 +17,7 @@ VERBS = {
     "convert": "torchat.convert",
     "quantize": "torchat.quantize_cli",
     "export": "torchat.export_cli",
+    "bench": "torchat.bench_cli",
     "eval": "torchat.eval_cli",
     "tokenizer-bin": "torchat.tokenizer_bin",
     "runner": "torchat.runner_build",

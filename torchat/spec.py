@@ -86,7 +86,9 @@ STEPS: dict[Step, StepInfo] = {
                              ("sentencepiece", "tiktoken", "tokenizers")),
     Step.RUNNER: StepInfo("runner", "the C++ runner issue", (), ("torch", "executorch", "cmake")),
     Step.EVAL: StepInfo("eval", "the evaluation issue", _RUN, ("torch", "torchao", "executorch", "lm-eval")),
-    Step.BENCH: StepInfo("bench", "the benchmark issue", _RUN, ("torch", "torchao", "executorch")),
+    Step.BENCH: StepInfo("bench", "the benchmark issue (torchat/bench_cli.py)",
+                         (*_RUN, "torchat/bench.py", "torchat/peers.py", "torchat/assets.py", "torchat/sources.py"),
+                         ("torch", "torchao", "executorch")),
 }
 
 
