@@ -11,12 +11,13 @@ CALIBRATION_FRACTION = 0.75  # the first 75 % of the paragraphs calibrate, the r
 
 
 def split_english_text() -> tuple[str, str]:
-    """(calibration text, evaluation text), cut at a paragraph boundary."""
+    """(calibration text, evaluation text), cut between paragraphs (the text has one paragraph per line)."""
     from torchat.assets import english_text
 
-    paragraphs = [p for p in english_text().split("\n\n") if p.strip()]
+    paragraphs = [p for p in english_text().splitlines() if p.strip()]
     cut = int(len(paragraphs) * CALIBRATION_FRACTION)
-    return "\n\n".join(paragraphs[:cut]), "\n\n".join(paragraphs[cut:])
+    assert 0 < cut < len(paragraphs), f"cannot split {len(paragraphs)} paragraphs"
+    return "\n".join(paragraphs[:cut]), "\n".join(paragraphs[cut:])
 
 
 def calibration_tokens(tokenizer, samples: int, seq_len: int) -> torch.Tensor:

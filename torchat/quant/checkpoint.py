@@ -39,11 +39,12 @@ def is_quantized_dir(path: Path) -> bool:
 
 
 def bake_quantized(checkpoint_dir: Path, specs: list[QuantSpec], dtype: str, output_dir: Path,
-                   tokenizer_path: Path | None = None) -> Path:
+                   tokenizer_path: Path | None = None, calibration_tokens: torch.Tensor | None = None) -> Path:
     """Quantize the checkpoint in `checkpoint_dir` (canonical, or any format read_checkpoint reads) in `dtype`
     and publish the quantized checkpoint at `output_dir` (built in a temp dir, then renamed into place).
 
-    linear:gptq calibrates with the tokenizer at `tokenizer_path`, or the one in checkpoint_dir.
+    linear:gptq calibrates on `calibration_tokens` (samples, seq) if given, else on the calibration split of the
+    English text encoded by the tokenizer at `tokenizer_path`, or the one in checkpoint_dir.
     """
     from torchat.checkpoint import build_model, read_checkpoint
 
@@ -52,13 +53,13 @@ def bake_quantized(checkpoint_dir: Path, specs: list[QuantSpec], dtype: str, out
         raise unknown_key_error("dtype", dtype, TORCH_DTYPES)
     checkpoint = read_checkpoint(checkpoint_dir)
     model = build_model(checkpoint, TORCH_DTYPES[dtype])
-    tokenizer = None
-    if any(spec.scheme == "linear:gptq" for spec in specs):
+    calibration = calibration_tokens
+    if calibration is None and any(spec.scheme == "linear:gptq" for spec in specs):
         from torchat.tokenizers import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_path or checkpoint_dir)
+        calibration = load_tokenizer(tokenizer_path or checkpoint_dir)
     with torch.no_grad():
-        report = quantize_model(model, specs, tokenizer, pack=False)
+        report = quantize_model(model, specs, calibration, pack=False)
     state_dict, manifest = quantized_state(model, specs, report.to_dict())
     manifest["source"] = str(checkpoint_dir)
     metadata = {**checkpoint.metadata, "format": "torchat", "quant": [s.to_dict() for s in specs],

@@ -73,16 +73,24 @@ def _inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 class _HessianHook:
-    """Accumulates X^T X over every row of a module's input, zero-padded to `columns`."""
+    """Accumulates X^T X over every row of a module's input, zero-padded to `columns`.
 
-    def __init__(self, columns: int):
+    wq/wk/wv (and w1/w3) are called one after another on the same input: `shared` keeps the last product so
+    that it is computed once per input, not once per module."""
+
+    def __init__(self, columns: int, shared: dict):
         self.sum = torch.zeros(columns, columns)
         self.rows = 0
+        self.shared = shared
 
     def __call__(self, module, args):
-        x = pad_columns(args[0].detach().float(), self.sum.shape[0]).reshape(-1, self.sum.shape[0])
-        self.sum += x.T @ x
-        self.rows += x.shape[0]
+        x = args[0]
+        # the same tensor object (held here, so its memory cannot be reused by another) and the same padding
+        if self.shared.get("input") is not x or self.shared["columns"] != self.sum.shape[0]:
+            rows = pad_columns(x.detach().float(), self.sum.shape[0]).reshape(-1, self.sum.shape[0])
+            self.shared.update(input=x, columns=self.sum.shape[0], gram=rows.T @ rows, rows=rows.shape[0])
+        self.sum += self.shared["gram"]
+        self.rows += self.shared["rows"]
 
     def hessian(self) -> torch.Tensor:
         return 2 * self.sum / max(self.rows, 1)
@@ -114,16 +122,16 @@ def gptq_quantize_model(model: nn.Module, names: list[str], tokens: torch.Tensor
 
             for index, layer in enumerate(model.layers):
                 prefix = f"layers.{index}."
-                targets = {n[len(prefix):]: m for n, m in layer.named_modules()
-                           if prefix + n in wanted and isinstance(m, nn.Linear)}
+                targets = {n: m for n, m in layer.named_modules() if prefix + n in wanted and isinstance(m, nn.Linear)}
                 if targets:
                     _quantize_group(layer, prefix, targets, lambda: run_block(layer, hidden), group_size, blocksize,
                                     percdamp, done)
                 hidden = run_block(layer, hidden)
             if "output" in wanted and isinstance(model.output, nn.Linear):
                 normed = [model.norm(x) for x in hidden]
-                _quantize_group(model, "", {"output": model.output}, lambda: [model.output(x) for x in normed],
-                                group_size, blocksize, percdamp, done)
+                # only the head's inputs are needed: feed them to its Hessian, skip the (tokens x vocab) matmul
+                _quantize_group(model, "", {"output": model.output}, None, group_size, blocksize, percdamp, done,
+                                inputs=normed)
     finally:
         for layer, cache in zip(model.layers, saved_caches):
             layer.attention.kv_cache = cache
@@ -132,14 +140,23 @@ def gptq_quantize_model(model: nn.Module, names: list[str], tokens: torch.Tensor
 
 
 def _quantize_group(parent: nn.Module, prefix: str, targets: dict[str, nn.Linear], run, group_size: int,
-                    blocksize: int, percdamp: float, done: dict) -> None:
-    hooks = {name: _HessianHook(padded_size(linear.in_features, group_size)) for name, linear in targets.items()}
-    handles = [targets[name].register_forward_pre_hook(hook) for name, hook in hooks.items()]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
+                    blocksize: int, percdamp: float, done: dict, inputs: list[torch.Tensor] | None = None) -> None:
+    """Hessians from `run()` (a forward pass that calls the targets) or, for one target, from `inputs` given
+    directly; then GPTQ on each target and swap it for its quantized module."""
+    shared: dict = {}
+    hooks = {name: _HessianHook(padded_size(linear.in_features, group_size), shared)
+             for name, linear in targets.items()}
+    if inputs is not None:
+        for x in inputs:
+            for name, hook in hooks.items():
+                hook(targets[name], (x,))
+    else:
+        handles = [targets[name].register_forward_pre_hook(hook) for name, hook in hooks.items()]
+        try:
+            run()
+        finally:
+            for handle in handles:
+                handle.remove()
     for name, linear in targets.items():
         weight = pad_columns(linear.weight.detach().float(), hooks[name].sum.shape[0])
         codes, scale, zero = gptq_quantize_weight(weight, hooks[name].hessian(), group_size, blocksize, percdamp,

@@ -38,6 +38,7 @@ class Int8WeightOnlyLinear(QuantizedModule):
         assert scale.shape == (out_features, groups), scale.shape
         self.register_buffer("qdata", qdata)
         self.register_buffer("scale", scale)
+        self.register_buffer("kernel_scale", None, persistent=False)  # (out,) in compute_dtype, once packed
         self._packed = False
         self.compute_dtype = scale.dtype
 
@@ -72,12 +73,15 @@ class Int8WeightOnlyLinear(QuantizedModule):
         self.qdata = self.qdata.clone()
         self.compute_dtype = CPU_COMPUTE_DTYPE[self.scale.dtype] if self.qdata.device.type == "cpu" else \
             self.scale.dtype
+        if self.group_size == 0:
+            # a buffer, not a cast inside forward: inductor fails to feed a computed scale to the extern kernel
+            self.kernel_scale = self.scale[:, 0].to(self.compute_dtype).contiguous()
         self._packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed and self.group_size == 0 and x.device.type == "cpu":
             x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
-            y = torch._weight_int8pack_mm(x2, self.qdata, self.scale[:, 0].to(self.compute_dtype))
+            y = torch._weight_int8pack_mm(x2, self.qdata, self.kernel_scale)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.group_size == 0:
             return F.linear(x, self.qdata.to(x.dtype)) * self.scale[:, 0].to(x.dtype)
