@@ -32,7 +32,8 @@ class Tokenizer {
   std::vector<int32_t> encode_with_special(const std::string& text) const;
   // the bytes one token stands for: "▁the" -> " the", <0x0A> -> "\n"; a special token gives its spelling
   std::string token_bytes(int32_t id) const;
-  // what a stream of generated ids prints: special tokens contribute nothing
+  // the text of `ids` as the Python tokenizers' decode gives it: special tokens contribute nothing, invalid UTF-8
+  // becomes U+FFFD, sentencepiece drops its dummy-prefix space
   std::string decode(const std::vector<int32_t>& ids) const;
   int32_t special_id(const std::string& spelling) const;  // -1 if the vocabulary has no such special token
 
