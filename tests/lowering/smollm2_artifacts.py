@@ -4,6 +4,7 @@ export flags, the code that lowers and the toolchain, so reruns (CI, benchmarks)
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from torchat.cli import main
@@ -34,6 +35,8 @@ def cached_export(gguf: Path, suffix: str, flags: list[str]) -> tuple[Path, bool
         return output, False
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "key.json").write_text(json.dumps(preimage, indent=2, sort_keys=True))
+    start = time.perf_counter()
     rc = main(["export", "--gguf-path", str(gguf), "--output-path", str(output), *flags])
     assert rc == 0, f"export of SmolLM2 to {output} failed"
+    (directory / "export.json").write_text(json.dumps({"export_s": time.perf_counter() - start}))
     return output, True
