@@ -30,6 +30,22 @@ def test_cached_decode_equals_full_recompute(overrides):
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_cached_decode_equals_full_recompute_and_stays_bf16():
+    """bf16 models attend in fp32 on CPU (its bf16 attention kernel is slow); the rest stays bf16."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).to(torch.bfloat16).eval()
+    tokens = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(1, 16)
+        steps = [model(tokens[:, :4], torch.arange(4))]
+        steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 12)]
+        hidden = model.layers[0].attention(torch.randn(1, 3, 64, dtype=torch.bfloat16), model.rope_cos[:3],
+                                           model.rope_sin[:3], torch.arange(3), None)
+    assert hidden.dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=0.05, rtol=0.02)
+
+
 def test_cache_overwrite_hides_stale_positions():
     """A second prompt written from position 0 must not see what the first left in later slots."""
     torch.manual_seed(1)

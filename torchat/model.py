@@ -136,8 +136,11 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (batch, kv_heads, max_seq_len, head_dim)
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # torch's CPU attention kernel runs bf16/fp16 ~10x slower than fp32 (benchmarks/results/bench.md)
+            q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
+        return self.wo(y.type_as(x).transpose(1, 2).reshape(batch, seq, -1))
 
 
 class FeedForward(nn.Module):
