@@ -111,20 +111,24 @@ def toolchain_info() -> dict:
 
 # --- memory bandwidth and the roofline -----------------------------------------------------------------------
 
-def measure_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 5) -> float:
-    """DRAM read bandwidth in GB/s: the best of `repeats` full reductions of a buffer far larger than the caches."""
+def measure_bandwidth(threads: int | None = None, mib: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Memory read bandwidth in GB/s (DRAM, or HBM on cuda): the best of `repeats` full reductions of a buffer
+    far larger than the caches."""
     import torch
 
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     try:
-        x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+        x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
         x.sum()  # touch every page first
         best = float("inf")
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             x.sum()
+            sync()
             best = min(best, time.perf_counter() - start)
         return round(x.numel() * 4 / best / 1e9, 2)
     finally:
@@ -292,7 +296,8 @@ def _cell(stat: dict | None, digits: int = 1) -> str:
 def label_of(result: dict) -> str:
     if result["system"] != "torchat":
         return f"{result['system']} {result.get('quant', '')}".strip()
-    return f"torchat {MODE_COLUMNS.get(result['mode'], result['mode'])} {result.get('quant', '')}".strip()
+    context = f" (KV cache {result['max_seq_len']})" if result.get("max_seq_len") else ""
+    return f"torchat {MODE_COLUMNS.get(result['mode'], result['mode'])} {result.get('quant', '')}".strip() + context
 
 
 def peer_for(result: dict, results: list[dict]) -> dict | None:

@@ -70,6 +70,13 @@ def _model_flags(args: argparse.Namespace) -> dict:
                      "params_table", "params_path", "tokenizer_path", "tokenizer_kind", "dtype", "device")}
 
 
+def default_flags() -> dict:
+    """The model flags at their defaults (what a job built outside the CLI passes)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "bench")
+    return _model_flags(parser.parse_args([]))
+
+
 def plan_jobs(args: argparse.Namespace) -> list[dict]:
     """One job per measurement: {"kind": torchat|peer, ...} (JSON, handed to a child process)."""
     from torchat.loader import artifact_path, checkpoint_path
@@ -130,7 +137,7 @@ def _load_torchat(job: dict):
         path = Path(job["artifact"])
         model, tokenizer = load_artifact(flags, path)
         meta = model.metadata
-        labels = {"dtype": meta.dtype, "quant_specs": meta.quant}
+        labels = {"dtype": meta.dtype, "quant_specs": meta.quant, "max_seq_len": meta.max_seq_len}
         bytes_ = weight_bytes_per_token(meta.model_args, meta.quant, meta.dtype)
         return model, tokenizer, labels, bytes_, path_bytes(path)
     path = Path(job["checkpoint"])
@@ -223,45 +230,64 @@ def _run_child(job: dict, scratch: Path, index: int) -> dict:
 
 # --- the verb ---------------------------------------------------------------------------------------------------
 
+def run_jobs(jobs: list[dict], bandwidth_gb_s: float, *, retries: int = 1, wait_quiet: float = 0.0,
+             max_others_cpu: float = 0.10) -> list[dict]:
+    """Each job in its own process, in order; a contended one is rerun up to `retries` times."""
+    from torchat.bench import wait_for_quiet
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="torchat-bench-") as scratch:
+        for index, job in enumerate(jobs):
+            job = {**job, "bandwidth_gb_s": bandwidth_gb_s}
+            for _ in range(retries + 1):
+                if wait_quiet:
+                    wait_for_quiet(max_others_cpu, wait_quiet)
+                result = _run_child(job, Path(scratch), index)
+                if not result.get("contended"):
+                    break
+            results.append(result)
+            print(_one_line(result), file=sys.stderr, flush=True)
+    return results
+
+
+def write_report(results: list[dict], bandwidth_gb_s: float, output_dir: Path | None, title: str) -> dict:
+    """bench.json, bench.md and bench.png in output_dir (the markdown to stdout without one); the report."""
+    from torchat.bench import plot_results, ratios, render_markdown, write_json
+
+    report = {"schema": 1, "bandwidth_gb_s": bandwidth_gb_s, "results": results, "ratios": ratios(results)}
+    if output_dir is None:
+        print(render_markdown(results, title))
+        return report
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "bench.json", report)
+    (output_dir / "bench.md").write_text(render_markdown(results, title))
+    plot_results(results, output_dir / "bench.png", title)
+    return report
+
+
+def check_results(results: list[dict], allow_contended: bool) -> None:
+    """Fail on a failed measurement, and on a contended one unless allowed."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise TorchatError(f"{len(failed)} measurement(s) failed: " + "; ".join(r["error"] for r in failed))
+    contended = [r for r in results if r.get("contended")]
+    if contended and not allow_contended:
+        raise TorchatError(f"{len(contended)} measurement(s) contended (other processes used up to "
+                           f"{max(r['others_cpu']['max'] for r in contended) * 100:.0f} % of the CPU); rerun on a "
+                           "quiet machine, or pass --allow-contended to keep them marked")
+
+
 def run(args: argparse.Namespace) -> int:
-    from torchat.bench import (measure_bandwidth, others_cpu_now, plot_results, render_markdown, wait_for_quiet,
-                               write_json)
+    from torchat.bench import measure_bandwidth, others_cpu_now
 
     jobs = plan_jobs(args)
     bandwidth = args.bandwidth_gb_s or measure_bandwidth(args.threads)
     print(f"torchat bench: {len(jobs)} measurement(s); read bandwidth {bandwidth} GB/s; others' CPU now "
           f"{others_cpu_now(1.0) * 100:.0f} %", file=sys.stderr)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="torchat-bench-") as scratch:
-        for index, job in enumerate(jobs):
-            job["bandwidth_gb_s"] = bandwidth
-            for attempt in range(args.retries + 1):
-                if args.wait_quiet:
-                    wait_for_quiet(args.max_others_cpu, args.wait_quiet)
-                result = _run_child(job, Path(scratch), index)
-                if not result.get("contended"):
-                    break
-            results.append(result)
-            print(_one_line(result), file=sys.stderr)
-    report = {"schema": 1, "bandwidth_gb_s": bandwidth, "results": results}
-    from torchat.bench import ratios
-
-    report["ratios"] = ratios(results)
-    if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(args.output_dir / "bench.json", report)
-        (args.output_dir / "bench.md").write_text(render_markdown(results, args.title))
-        plot_results(results, args.output_dir / "bench.png", args.title)
-    else:
-        print(render_markdown(results, args.title))
-    failed = [r for r in results if "error" in r]
-    if failed:
-        raise TorchatError(f"{len(failed)} measurement(s) failed: " + "; ".join(r["error"] for r in failed))
-    contended = [r for r in results if r.get("contended")]
-    if contended and not args.allow_contended:
-        raise TorchatError(f"{len(contended)} measurement(s) contended (other processes used up to "
-                           f"{max(r['others_cpu']['max'] for r in contended) * 100:.0f} % of the CPU); rerun on a "
-                           "quiet machine, or pass --allow-contended to keep them marked")
+    results = run_jobs(jobs, bandwidth, retries=args.retries, wait_quiet=args.wait_quiet,
+                       max_others_cpu=args.max_others_cpu)
+    write_report(results, bandwidth, args.output_dir, args.title)
+    check_results(results, args.allow_contended)
     return 0
 
 
