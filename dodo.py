@@ -40,7 +40,10 @@ def _declare(tasks: dict, node: spec.Node) -> None:
 
 def _graph(catalog: spec.Catalog, argv: list[str]):
     """The matrix's nodes per step, plus the nodes and aliases that command-line names ask for."""
-    tasks = {step: {n.name: n for n in catalog.nodes(step)} for step in Step}
+    tasks = {step: {} for step in Step}
+    for step in Step:
+        for node in catalog.nodes(step):
+            _declare(tasks, node)  # with its inputs: an eval reads its model's fp32 baseline, off the matrix too
     aliases = {step: {} for step in Step}
     for arg in argv:
         family, sep, name = arg.partition(":")

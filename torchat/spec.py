@@ -85,7 +85,8 @@ STEPS: dict[Step, StepInfo] = {
                              ("torchat/tokenizers", "torchat/templates.py"),
                              ("sentencepiece", "tiktoken", "tokenizers")),
     Step.RUNNER: StepInfo("runner", "the C++ runner issue", (), ("torch", "executorch", "cmake")),
-    Step.EVAL: StepInfo("eval", "the evaluation issue", _RUN, ("torch", "torchao", "executorch", "lm-eval")),
+    Step.EVAL: StepInfo("eval", "the evaluation issue", (*_RUN, "torchat/evaluation"),
+                        ("torch", "torchao", "executorch", "lm-eval", "datasets")),
     Step.BENCH: StepInfo("bench", "the benchmark issue (torchat/bench_cli.py)",
                          (*_RUN, "torchat/bench.py", "torchat/peers.py", "torchat/assets.py", "torchat/sources.py"),
                          ("torch", "torchao", "executorch")),
@@ -162,6 +163,7 @@ class QuantPreset:
     key: str
     quant_json: str  # the quant JSON (torchat/quant/spec.py), in its file's order: schemes apply in order
     description: str = ""
+    max_degradation_pct: float | None = None  # word perplexity over the fp32 eager baseline's; None: not gated
 
     @property
     def options(self) -> dict:
@@ -304,12 +306,22 @@ def _model_spec(key: str, entry: dict, where: str, base: str) -> ModelSpec:
     return model
 
 
+PRESET_FIELDS = {"quant", "description", "max_degradation_pct"}
+# An fp32 target without quantization must evaluate as its eager baseline does, whatever backend runs it: its
+# gate is this tight, whatever its preset allows for other dtypes
+FP32_PARITY_PCT = 0.1
+
+
 def _quant_preset(key: str, entry: dict, where: str) -> QuantPreset:
-    if not isinstance(entry, dict) or not isinstance(entry.get("quant"), dict) or set(entry) - {"quant",
-                                                                                                 "description"}:
+    if not isinstance(entry, dict) or not isinstance(entry.get("quant"), dict) or set(entry) - PRESET_FIELDS:
         raise TorchatError(f"{where}: [{key}] must hold `quant = {{...}}` (the quant JSON; {{}} for none) and "
-                           "optionally `description`, nothing else")
-    return QuantPreset(key, json.dumps(entry["quant"]), entry.get("description", ""))
+                           "optionally `description` and `max_degradation_pct`, nothing else")
+    bound = entry.get("max_degradation_pct")
+    if bound is not None and not (isinstance(bound, (int, float)) and not isinstance(bound, bool) and bound >= 0):
+        raise TorchatError(f"{where}: [{key}] max_degradation_pct must be a number >= 0 (percent of word "
+                           f"perplexity over the fp32 baseline), got {bound!r}")
+    return QuantPreset(key, json.dumps(entry["quant"]), entry.get("description", ""),
+                       None if bound is None else float(bound))
 
 
 def _expand(value, universe: dict, kind: str, where: str) -> list[str]:
@@ -346,6 +358,7 @@ class Catalog:
             self.refusals[backend] = (refused, entry.get("refuse_reason", ""))
         self.device = matrix.get("defaults", {}).get("device", "cpu")
         self.max_seq_len = int(matrix.get("defaults", {}).get("max_seq_len", 2048))  # the KV cache of exports
+        self.eval_args = _eval_args(matrix.get("eval", {}), where)
         self.default_model = matrix.get("defaults", {}).get("model", next(iter(self.models), ""))
         if self.default_model not in self.models:
             raise TorchatError(f"{where}: [defaults] " + str(unknown_key_error("model", self.default_model,
@@ -460,7 +473,7 @@ class Catalog:
     def build_node(self, target: TargetSpec) -> Node:
         info = BACKENDS[target.backend]
         quantized = self.quantize_node(target.model, target.quant, target.dtype)
-        max_seq_len = min(KNOWN_CONFIGS[target.model.config].get("max_seq_len", self.max_seq_len), self.max_seq_len)
+        max_seq_len = self.export_max_seq_len(target.model)
         spec = {"backend": target.backend, "dtype": target.dtype, "device": self.device, "max_seq_len": max_seq_len}
         if info.output is None:
             return self._node(Step.BUILD, target.name, spec, [("checkpoint", quantized)], (), target.model.key,
@@ -484,12 +497,41 @@ class Catalog:
                           f"the C++ runner for {backend}", code=info.runner_code, toolchain=info.toolchain)
 
     def measure_node(self, step: Step, target: TargetSpec) -> Node:
-        """An eval or bench node: it reads the target's model artifact and the converted checkpoint."""
+        """An eval or bench node: it reads the target's model artifact and the converted checkpoint.
+
+        An eval node also reads the eval of its model's fp32 eager baseline (unless it is that baseline) and
+        fails when the target's perplexity exceeds the baseline's by more than its preset's bound."""
         args = ["--artifact-dir", Ref("model"), "--checkpoint-dir", Ref("checkpoint"), "--backend", target.backend,
                 "--output-dir", Ref("out")]
         deps = [("model", self.model_node(target)), ("checkpoint", self.convert_node(target.model))]
-        return self._node(step, target.name, {"backend": target.backend, "dtype": target.dtype}, deps, args,
+        spec = {"backend": target.backend, "dtype": target.dtype}
+        if step == Step.EVAL:
+            baseline = self.baseline_target(target.model)
+            args += ["--label", target.name, "--max-seq-length", str(self.export_max_seq_len(target.model)),
+                     *self.eval_args]
+            if target != baseline:
+                bound = target.quant.max_degradation_pct
+                if not target.quant.options and target.dtype == Dtype.FP32:
+                    bound = FP32_PARITY_PCT if bound is None else min(bound, FP32_PARITY_PCT)
+                deps.append(("baseline", self.measure_node(Step.EVAL, baseline)))
+                args += ["--baseline-dir", Ref("baseline")]
+                args += [] if bound is None else ["--max-degradation-pct", f"{bound:g}"]
+                spec["max_degradation_pct"] = bound
+        return self._node(step, target.name, spec, deps, args,
                           target.model.key, f"{step} {target.name}", toolchain=BACKENDS[target.backend].toolchain)
+
+    def baseline_target(self, model: ModelSpec) -> TargetSpec:
+        """The model unquantized, in fp32, run eagerly: what every eval of the model is compared with."""
+        plain = [key for key, preset in self.quants.items() if not preset.options]
+        if not plain:
+            raise TorchatError(f"{self.root / 'quant.toml'}: no preset with `quant = {{}}`, which the eval gate "
+                               "needs for the fp32 baseline; add `[none]` with `quant = {}`")
+        return self.target(model.key, plain[0], Dtype.FP32, Backend.EAGER)
+
+    def export_max_seq_len(self, model: ModelSpec) -> int:
+        """The KV cache length of the model's exports (and of its evals, so that every backend sees the same
+        windows)."""
+        return min(KNOWN_CONFIGS[model.config].get("max_seq_len", self.max_seq_len), self.max_seq_len)
 
     def nodes(self, step: Step, targets=None) -> list[Node]:
         """The nodes of one step family over `targets` (default: the matrix; every model for per-model steps)."""
@@ -528,6 +570,27 @@ class Catalog:
             target = self.parse_target(f"{name}-{Backend.EAGER}")  # MODEL-QUANT-DTYPE: eager's quantized model
             return self.quantize_node(target.model, target.quant, target.dtype)
         return self.nodes(step, [self.parse_target(name)])[0]
+
+
+EVAL_FIELDS = {"tasks", "limit"}
+
+
+def _eval_args(entry: dict, where: str) -> list[str]:
+    """matrix.toml's optional [eval] table (tasks = [...], limit = N) as `torchat eval` arguments."""
+    if not isinstance(entry, dict) or set(entry) - EVAL_FIELDS:
+        raise TorchatError(f"{where}: [eval] may hold only {', '.join(sorted(EVAL_FIELDS))}")
+    args = []
+    tasks = entry.get("tasks")
+    if tasks is not None:
+        if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) and t and "," not in t for t in tasks)):
+            raise TorchatError(f"{where}: [eval] tasks must be a list of lm-eval task names, got {tasks!r}")
+        args += ["--tasks", ",".join(tasks)]
+    limit = entry.get("limit")
+    if limit is not None:
+        if not (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0):
+            raise TorchatError(f"{where}: [eval] limit must be a number of documents (0: all), got {limit!r}")
+        args += ["--limit", str(limit) if limit else "all"]
+    return args
 
 
 def load_catalog(root: Path | None = None) -> Catalog:
