@@ -34,7 +34,8 @@ def test_quantized_artifact_reproduces_eager_quantized(tiny_checkpoint, tmp_path
     output = tmp_path / f"model{suffix}"
     export_tiny(tiny_checkpoint, output, "--quant", json.dumps(quant))
     exported, eager = load_exported(output), eager_quantized(quant)
-    assert [spec["scheme"] for spec in read_metadata(output).quant] == [s.scheme for s in parse_quant(json.dumps(quant))]
+    schemes = [spec.scheme for spec in parse_quant(json.dumps(quant))]
+    assert [spec["scheme"] for spec in read_metadata(output).quant] == schemes
     tolerance = TOLERANCES[("fp32", True)]
     prompt = [11, 250, 3, 42, 97, 5]
     eager_tokens = list(generate(eager, prompt, 24, Sampling()))

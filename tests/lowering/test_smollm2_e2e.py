@@ -1,5 +1,6 @@
 """SmolLM2-135M fp32 end to end: greedy 64 tokens identical across eager, AOTI and ExecuTorch, and the logits
-along that path within 1e-4 (AOTI) / 2e-4 (ExecuTorch) of eager. The artifacts are cached by content hash (see smollm2_artifacts)."""
+along that path within 1e-4 (AOTI) / 2e-4 (ExecuTorch) of eager. The artifacts are cached by content hash
+(see smollm2_artifacts)."""
 
 import pytest
 import torch
