@@ -186,6 +186,20 @@ def test_the_gate_fails_with_the_increase_and_the_bound(tiny_checkpoint, tmp_pat
     assert "evaluate both the same way" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_compiled_eager_gives_the_eager_perplexity(tiny_checkpoint, tmp_path):
+    """--compile (torch.compile with dynamic shapes: every window length shares a graph); slow: inductor's C++
+    compile takes a minute or more on a loaded CPU."""
+    results = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        assert main(["eval", "--checkpoint-dir", str(tiny_checkpoint), "--limit", "1", "--max-seq-length",
+                     str(MAX_SEQ_LEN), "--output-dir", str(tmp_path / name), *extra]) == 0
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    assert results["compiled"]["model"]["compile"] and not results["eager"]["model"]["compile"]
+    for metric, value in results["compiled"]["results"]["botchan"].items():
+        assert value == pytest.approx(results["eager"]["results"]["botchan"][metric], rel=1e-4), metric
+
+
 def test_usage_mistakes_are_one_line(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--checkpoint-dir", str(tiny_checkpoint), "--limit", "1.5"])

@@ -126,8 +126,8 @@ def load_eval_model(args: argparse.Namespace):
         model = load_quantized(path, args.device)
         tokenizer = load_tokenizer(args.tokenizer_path or find_tokenizer(path, {}), args.tokenizer_kind)
     else:
-        model, tokenizer, metadata = load_eager(args)
-        path = path or args.gguf_path or Path(args.model or metadata.get("source", "default-model"))
+        model, tokenizer, _ = load_eager(args)
+        path = path or args.gguf_path or (Path(args.model) if args.model else default_model_path())
         if args.quant:
             import torch
 
@@ -159,6 +159,13 @@ def load_store_artifact(args: argparse.Namespace):
         return model, tokenizer, describe_exported(model, args.artifact_dir / output)
     args.checkpoint_dir, args.artifact_dir, args.backend = args.artifact_dir, None, None
     return load_eval_model(args)
+
+
+def default_model_path() -> Path:
+    from torchat.assets import fetch_asset
+    from torchat.loader import DEFAULT_MODEL_ASSET
+
+    return fetch_asset(DEFAULT_MODEL_ASSET)  # already fetched by load_eager: a cache hit
 
 
 def describe_eager(model, path: Path, args: argparse.Namespace) -> dict:
