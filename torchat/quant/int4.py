@@ -14,6 +14,7 @@ the ISA-dependent packed layout, which a baked checkpoint must not.
 import torch
 import torch.nn.functional as F
 
+from torchat.errors import TorchatError
 from torchat.quant.base import (QuantizedModule, group_view, pack_nibbles, pad_columns, padded_size,
                                 unpack_nibbles)
 
@@ -124,7 +125,9 @@ class Int4WeightOnlyLinear(QuantizedModule):
         if device.type == "cuda":
             # tinygemm on CUDA: uint8 (out, in/2) with the even column in the high nibble, bf16 scales,
             # innerKTiles dividing in/16 (UNTESTED: no GPU was available)
-            inner_k_tiles = next(t for t in (8, 4, 2) if (self.padded_in // 16) % t == 0)
+            if self.out_features % 8:
+                raise TorchatError(f"int4 on CUDA needs out_features divisible by 8, got {self.out_features}")
+            inner_k_tiles = next(t for t in (8, 4, 2) if (self.padded_in // 16) % t == 0)  # in % 32 == 0
             cuda_bytes = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()
             self.packed_weight = torch.ops.aten._convert_weight_to_int4pack(cuda_bytes, inner_k_tiles)
             self.compute_dtype = torch.bfloat16

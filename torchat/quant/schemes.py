@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from torchat.errors import TorchatError
+from torchat.spec import Backend
 from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
 from torchat.quant.intx import Int8DynActInt4Linear, QuantizedEmbedding
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("aoti", "eager", "et")
+BACKENDS = tuple(b.value for b in Backend)  # the build graph's closed vocabulary: eager, aoti, et
 
 # module name -> the new module, or a string saying why that module was left as it is
 Results = dict[str, "nn.Module | str"]
@@ -83,19 +84,19 @@ QUANTIZERS: dict[str, Scheme] = {
     "embedding": Scheme(nn.Embedding, _quantize_embedding, {},
                         "int8 (per row or group-wise) or int4 (group-wise) symmetric embedding table"),
     "linear:int8": Scheme(nn.Linear, _per_linear(lambda m, o: Int8WeightOnlyLinear.from_float(m.weight, o["group_size"])),
-                          {"et": f"{_WEIGHT_ONLY_ET}; {_ET_FIX}"},
+                          {Backend.ET: f"{_WEIGHT_ONLY_ET}; {_ET_FIX}"},
                           "int8 weight-only linear, symmetric, per channel (group_size 0) or group-wise"),
     "linear:int4": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight, o["group_size"])),
-                          {"et": f"{_TINYGEMM_ET}; {_ET_FIX}"},
+                          {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
                           "int4 weight-only linear, asymmetric group-wise, min/max scales (tinygemm layout)"),
     "linear:8da4w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt4Linear.from_float(m.weight,
                                                                                                o["group_size"])),
                            {}, "int8 per-token dynamic activations, int4 symmetric group-wise weights"),
-    "linear:gptq": Scheme(nn.Linear, _quantize_gptq, {"et": f"{_TINYGEMM_ET}; {_ET_FIX}"},
+    "linear:gptq": Scheme(nn.Linear, _quantize_gptq, {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
                           "int4 weight-only linear with GPTQ error compensation, calibrated on English text"),
     "linear:hqq": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight,
                                                                                              o["group_size"], "hqq")),
-                         {"et": f"{_TINYGEMM_ET}; {_ET_FIX}"},
+                         {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
                          "int4 weight-only linear with HQQ-fitted scales and zeros"),
     "precision": Scheme(None, lambda *args: {}, {}, "the float dtype of the model (applied before any quantizer)"),
 }

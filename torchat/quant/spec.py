@@ -63,7 +63,7 @@ def _positive_int(default) -> Option:
 
 
 _CALIBRATION = {
-    "calibration_limit": _positive_int(16),  # calibration sequences
+    "calibration_limit": _positive_int(8),  # calibration sequences
     "calibration_seq_length": _positive_int(512),  # tokens per sequence
     "percdamp": Option(0.01, lambda v: isinstance(v, (int, float)) and 0 < v < 1, "a number in (0, 1)"),
     "blocksize": _group(128, (32, 64, 128, 256, 512)),
