@@ -126,8 +126,9 @@ def test_generate_until_is_torchat_generate_cut_at_the_stop_string(tokenizer):
     stop = full[len(full) // 2:len(full) // 2 + 2]
     lm = TorchatLM(model, tokenizer)
     requests = [Instance("generate_until", {}, (prompt, {"until": ["\u2603"], "max_gen_toks": 12}), 0),
-                Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 1)]
-    assert lm.generate_until(requests) == [full, full.split(stop)[0]]
+                Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 1),
+                Instance("generate_until", {}, (prompt, {"max_gen_toks": 12}), 2)]
+    assert lm.generate_until(requests) == [full, full.split(stop)[0], full]
 
 
 def test_documents_are_the_evaluation_split_in_order_and_cached_by_content(tmp_path):

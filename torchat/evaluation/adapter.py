@@ -109,8 +109,9 @@ class TorchatLM(TemplateLM):
         return results
 
     def _generate_one(self, context: str, gen_kwargs: dict) -> str:
-        until = gen_kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
-        until = [until] if isinstance(until, str) else list(until)
+        until = gen_kwargs.pop("until", None) or []
+        # stop strings; EOS and the end-of-turn tokens stop generation as ids (their text decodes to "")
+        until = [s for s in ([until] if isinstance(until, str) else until) if s]
         max_new = int(gen_kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
         do_sample = gen_kwargs.pop("do_sample", False)
         temperature = float(gen_kwargs.pop("temperature", 0.0)) if do_sample else 0.0
@@ -128,5 +129,5 @@ class TorchatLM(TemplateLM):
                 break
         text += decoder.flush()
         for stop in until:  # lm-eval's convention: the text before the first stop sequence
-            text = text.split(stop)[0] if stop else text
+            text = text.split(stop)[0]
         return text
