@@ -11,6 +11,7 @@ reads (their own generate loops would add their own sampling overheads, so they 
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from torchat.errors import TorchatError, unknown_key_error
@@ -66,6 +67,7 @@ class LlamaCppModel(PeerModel):
         self._llm = Llama(model_path=str(gguf), n_ctx=max_seq_len, n_batch=max_seq_len, n_ubatch=max_seq_len,
                           n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
         self.max_seq_len = max_seq_len
+        self._n_vocab = self._llm.n_vocab()
         facts = gguf_weight_facts(gguf)
         self.weight_bytes, self.artifact_bytes = facts["weight_bytes"], Path(gguf).stat().st_size
         self.labels = {"system": "llama.cpp", "mode": "llama.cpp", "quant": f"{facts['ggml_type']} (head "
@@ -78,7 +80,9 @@ class LlamaCppModel(PeerModel):
             self._llm.reset()
         assert self._llm.n_tokens == start, (self._llm.n_tokens, start)
         self._llm.eval(tokens[0].tolist())
-        return torch.from_numpy(self._llm.scores[self._llm.n_tokens - 1].copy()).view(1, 1, -1)
+        # without logits_all, llama.cpp computes the logits of the batch's last token only, as the first row
+        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits(), shape=(self._n_vocab,))
+        return torch.from_numpy(logits.copy()).view(1, 1, -1)
 
 
 class TransformersModel(PeerModel):
