@@ -18,7 +18,9 @@ int32_t need_special(const Tokenizer& tokenizer, const std::string& spelling) {
   return id;
 }
 
-void append(std::vector<int32_t>& ids, const std::vector<int32_t>& more) { ids.insert(ids.end(), more.begin(), more.end()); }
+void append(std::vector<int32_t>& ids, const std::vector<int32_t>& more) {
+  ids.insert(ids.end(), more.begin(), more.end());
+}
 
 std::vector<int32_t> render_chatml(const Tokenizer& tokenizer, const std::vector<Message>& messages) {
   std::string text;
@@ -61,7 +63,8 @@ std::vector<int32_t> render_llama2(const Tokenizer& tokenizer, const std::vector
   for (size_t i = 0; i < rest.size(); i += 2) {
     ids.push_back(tokenizer.bos_id());
     if (i + 1 < rest.size()) {
-      append(ids, tokenizer.encode("[INST] " + strip(rest[i].content) + " [/INST] " + strip(rest[i + 1].content) + " "));
+      std::string turn = "[INST] " + strip(rest[i].content) + " [/INST] " + strip(rest[i + 1].content) + " ";
+      append(ids, tokenizer.encode(turn));
       ids.push_back(tokenizer.eos_id());
     } else {
       append(ids, tokenizer.encode("[INST] " + strip(rest[i].content) + " [/INST]"));

@@ -22,8 +22,8 @@ def ranges(categories: tuple[str, ...]) -> list[tuple[int, int]]:
 
 
 def table(name: str, found: list[tuple[int, int]]) -> str:
-    rows = ",\n".join("    " + ", ".join(f"{{0x{a:X}, 0x{b:X}}}" for a, b in found[i:i + 6])
-                      for i in range(0, len(found), 6))
+    rows = ",\n".join("    " + ", ".join(f"{{0x{a:X}, 0x{b:X}}}" for a, b in found[i:i + 5])
+                      for i in range(0, len(found), 5))
     return f"static const uint32_t {name}[][2] = {{\n{rows},\n}};\n"
 
 

@@ -3,7 +3,8 @@
 #pragma once
 
 #if defined(TORCHAT_BACKEND_AOTI) + defined(TORCHAT_BACKEND_ET) != 1
-#error "define exactly one of TORCHAT_BACKEND_AOTI or TORCHAT_BACKEND_ET (runner-aoti/ and runner-et/ CMakeLists.txt do)"
+// runner-aoti/ and runner-et/ CMakeLists.txt each define one
+#error "define exactly one of TORCHAT_BACKEND_AOTI or TORCHAT_BACKEND_ET"
 #endif
 
 #include <cstdint>

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <string>
@@ -25,9 +26,10 @@ namespace torchat {
 namespace {
 
 const char kUsage[] =
-    "usage: run MODEL -z TOKENIZER [options]\n"
+    "usage: run MODEL [-z TOKENIZER] [options]\n"
     "  MODEL          an exported artifact (%s) from `torchat export`\n"
-    "  -z PATH        tokenizer.bin from `torchat tokenizer-bin` (or `doit tokenizer:MODEL`)\n"
+    "  -z PATH        tokenizer.bin from `torchat tokenizer-bin` (or `doit tokenizer:MODEL`); default: the\n"
+    "                 tokenizer.bin beside MODEL\n"
     "  -i TEXT        the prompt (chat: the first user message; further ones are read from stdin)\n"
     "  -t FLOAT       temperature, 0 (default) is greedy\n"
     "  -p FLOAT       top-p in (0, 1], default 1 (off)\n"
@@ -89,7 +91,6 @@ Options parse_options(int argc, char** argv) {
       default: usage_error("unknown flag " + flag);
     }
   }
-  if (o.tokenizer.empty()) usage_error("pass the tokenizer with -z tokenizer.bin");
   if (o.mode != "generate" && o.mode != "chat") usage_error("-m is generate or chat, not '" + o.mode + "'");
   if (o.output != "text" && o.output != "ids") usage_error("-o is text or ids, not '" + o.output + "'");
   if (!(o.temperature >= 0) || !(o.top_p > 0 && o.top_p <= 1)) usage_error("need -t >= 0 and 0 < -p <= 1");
@@ -201,7 +202,8 @@ void run_chat(Model& model, const Tokenizer& tokenizer, Sampler& sampler, const 
         throw RunnerError("this message alone needs " + std::to_string(ids.size()) + " tokens of the " +
                           std::to_string(max_seq_len) + "-token context; shorten it");
       }
-      turn.erase(turn.begin() + static_cast<std::ptrdiff_t>(first), turn.begin() + static_cast<std::ptrdiff_t>(first) + 2);
+      auto oldest = turn.begin() + static_cast<std::ptrdiff_t>(first);
+      turn.erase(oldest, oldest + 2);
       ids = render_chat(tokenizer, turn);
       std::fprintf(stderr, "[context full: dropped the oldest turn to fit %lld tokens]\n",
                    static_cast<long long>(max_seq_len));
@@ -229,6 +231,14 @@ void run_chat(Model& model, const Tokenizer& tokenizer, Sampler& sampler, const 
 int run_main(int argc, char** argv) {
   Options o = parse_options(argc, argv);
   if (o.mode == "generate" && !o.has_prompt) usage_error("pass the prompt with -i TEXT");
+  if (o.tokenizer.empty()) {
+    size_t slash = o.model.rfind('/');
+    o.tokenizer = (slash == std::string::npos ? std::string() : o.model.substr(0, slash + 1)) + "tokenizer.bin";
+    if (!std::ifstream(o.tokenizer)) {
+      throw RunnerError("no tokenizer.bin beside " + o.model + "; pass one with -z (write it with `torchat "
+                        "tokenizer-bin --tokenizer-path TOKENIZER --output tokenizer.bin`)");
+    }
+  }
   Tokenizer tokenizer(o.tokenizer);
   std::unique_ptr<Model> model = load_model(o.model);
   const ModelInfo& info = model->info();
@@ -236,7 +246,8 @@ int run_main(int argc, char** argv) {
     throw RunnerError(o.tokenizer + ": " + std::to_string(tokenizer.vocab_size()) + " tokens, but " + o.model +
                       " has " + std::to_string(info.vocab_size) + "; pass the model's own tokenizer.bin");
   }
-  if ((info.bos_id >= 0 && info.bos_id != tokenizer.bos_id()) || (info.eos_id >= 0 && info.eos_id != tokenizer.eos_id())) {
+  bool bos_differs = info.bos_id >= 0 && info.bos_id != tokenizer.bos_id();
+  if (bos_differs || (info.eos_id >= 0 && info.eos_id != tokenizer.eos_id())) {
     throw RunnerError(o.tokenizer + ": BOS/EOS " + std::to_string(tokenizer.bos_id()) + "/" +
                       std::to_string(tokenizer.eos_id()) + " differ from the model's " + std::to_string(info.bos_id) +
                       "/" + std::to_string(info.eos_id) + "; pass the model's own tokenizer.bin");
@@ -251,8 +262,11 @@ int run_main(int argc, char** argv) {
   // the first new token comes from the prefill; decode made the rest
   double decode_rate = stats.new_tokens > 1 ? (stats.new_tokens - 1) / std::max(stats.decode_s, 1e-9) : 0.0;
   double overall = stats.new_tokens / std::max(stats.prefill_s + stats.decode_s, 1e-9);
-  std::fprintf(stderr, "achieved tok/s: %.2f (prompt %lld tok, prefill %.1f tok/s; generated %lld tok, decode %.2f tok/s; %s)\n",
-               overall, static_cast<long long>(stats.prompt_tokens), stats.prompt_tokens / std::max(stats.prefill_s, 1e-9),
+  std::fprintf(stderr,
+               "achieved tok/s: %.2f (prompt %lld tok, prefill %.1f tok/s; "
+               "generated %lld tok, decode %.2f tok/s; %s)\n",
+               overall, static_cast<long long>(stats.prompt_tokens),
+               stats.prompt_tokens / std::max(stats.prefill_s, 1e-9),
                static_cast<long long>(stats.new_tokens), decode_rate, kBackend);
   return 0;
 }

@@ -18,7 +18,9 @@ class Sampler {
 
   int32_t sample(const std::vector<float>& logits) {
     // torch.argmax: the first of equal maxima
-    if (temperature_ == 0.0f) return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    if (temperature_ == 0.0f) {
+      return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    }
     std::vector<double> probs(logits.size());
     double top = *std::max_element(logits.begin(), logits.end()), total = 0;
     for (size_t i = 0; i < logits.size(); ++i) total += probs[i] = std::exp((logits[i] - top) / temperature_);

@@ -55,6 +55,15 @@ size_t utf8_length(unsigned char b) {
   return b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 1;
 }
 
+// continuation bytes after a UTF-8 lead byte; -1: not a lead byte
+int continuation_bytes(unsigned char b) {
+  if (b < 0x80) return 0;
+  if (b >= 0xC2 && b <= 0xDF) return 1;
+  if (b >= 0xE0 && b <= 0xEF) return 2;
+  if (b >= 0xF0 && b <= 0xF4) return 3;
+  return -1;
+}
+
 // Invalid UTF-8 as U+FFFD, one per maximal invalid subpart, as Python's decode(errors="replace") and Rust's
 // from_utf8_lossy do: what the Python tokenizers' decode returns, so a chat history re-encodes the same.
 std::string utf8_lossy(const std::string& in) {
@@ -62,28 +71,26 @@ std::string utf8_lossy(const std::string& in) {
   std::string out;
   size_t i = 0;
   while (i < in.size()) {
-    auto b = static_cast<unsigned char>(in[i]);
-    size_t need = b < 0x80 ? 0 : b >= 0xC2 && b <= 0xDF ? 1 : b >= 0xE0 && b <= 0xEF ? 2 : b >= 0xF0 && b <= 0xF4 ? 3 : 4;
-    if (need == 0) {
-      out += in[i++];
+    auto lead = static_cast<unsigned char>(in[i]);
+    int need = continuation_bytes(lead);
+    if (need <= 0) {
+      out += need == 0 ? std::string(1, in[i]) : kReplacement;
+      ++i;
       continue;
     }
     size_t j = i + 1;
-    for (size_t k = 0; need < 4 && k < need && j < in.size(); ++k, ++j) {
+    for (int k = 0; k < need && j < in.size(); ++k, ++j) {
       auto c = static_cast<unsigned char>(in[j]);
       unsigned char lo = 0x80, hi = 0xBF;  // the second byte's range narrows after E0, ED, F0, F4
-      if (k == 0 && b == 0xE0) lo = 0xA0;
-      if (k == 0 && b == 0xED) hi = 0x9F;
-      if (k == 0 && b == 0xF0) lo = 0x90;
-      if (k == 0 && b == 0xF4) hi = 0x8F;
+      if (k == 0 && lead == 0xE0) lo = 0xA0;
+      if (k == 0 && lead == 0xED) hi = 0x9F;
+      if (k == 0 && lead == 0xF0) lo = 0x90;
+      if (k == 0 && lead == 0xF4) hi = 0x8F;
       if (c < lo || c > hi) break;
     }
-    if (need < 4 && j - i == need + 1) {
-      out.append(in, i, need + 1);
-    } else {
-      out += kReplacement;
-    }
-    i = need < 4 ? j : i + 1;
+    bool whole = j - i == static_cast<size_t>(need) + 1;
+    out += whole ? in.substr(i, j - i) : kReplacement;
+    i = j;
   }
   return out;
 }

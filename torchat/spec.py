@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -220,8 +221,9 @@ class Node:
 
 @functools.cache
 def native_toolchain() -> dict[str, str]:
-    """The C++ compiler's and cmake's versions, which enter the runner step's key (a few ms: runner nodes only)."""
-    found = {}
+    """The C++ compiler's and cmake's versions and the Python environment whose torch/executorch libraries a runner
+    links (its RUNPATH points there), which enter the runner step's key (a few ms: runner nodes only)."""
+    found = {"python_prefix": sys.prefix}
     for name, argv in (("cxx", [os.environ.get("CXX", "c++"), "--version"]), ("cmake", ["cmake", "--version"])):
         try:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=30)

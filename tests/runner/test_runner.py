@@ -190,3 +190,14 @@ def test_the_writer_step_and_the_runner_agree_on_a_tokenizer_in_a_checkpoint_dir
     assert main(["tokenizer-bin", "--checkpoint-dir", str(tiny_checkpoint_dir), "--output-path",
                  str(tmp_path / "b.bin")]) == 0
     assert (tmp_path / "b.bin").read_bytes() == written.read_bytes()
+
+
+def test_the_tokenizer_bin_beside_the_model_is_the_default(runner_et, tiny_artifacts, tiny_tokenizer_bin, tmp_path):
+    import shutil
+
+    model = tmp_path / "model.pte"
+    model.symlink_to(tiny_artifacts[".pte"]())
+    argv = [str(runner_et), str(model), "-i", PROMPT, "-n", "3"]
+    assert_one_line_error(subprocess.run(argv, capture_output=True, text=True), "no tokenizer.bin beside")
+    shutil.copyfile(tiny_tokenizer_bin, tmp_path / "tokenizer.bin")
+    assert subprocess.run(argv, capture_output=True, text=True).returncode == 0

@@ -45,7 +45,7 @@ def test_each_cmake_project_defines_its_own_backend(backend, project):
 def test_the_runner_step_key_covers_the_shared_sources_and_the_compiler():
     node = spec.load_catalog().runner_node(spec.Backend.ET)
     assert {"runner", "runner-et"} <= set(node.code)
-    assert set(spec.native_toolchain()) == {"cxx", "cmake"} and "native" in node.spec
+    assert set(spec.native_toolchain()) == {"cxx", "cmake", "python_prefix"} and "native" in node.spec
 
 
 def test_doit_runner_et_publishes_and_an_unchanged_rerun_builds_nothing(tmp_path, monkeypatch, runner_et):
