@@ -11,15 +11,15 @@ from torchat.cli import main
 from torchat.lowering import toolchain_versions
 
 REPO = Path(__file__).resolve().parents[2]
-CODE = ["torchat/lowering", "torchat/exported.py", "torchat/export_cli.py", "torchat/model.py", "torchat/quant",
-        "torchat/checkpoint"]
+CODE = ["torchat/lowering", "torchat/exported.py", "torchat/export_cli.py", "torchat/model.py", "torchat/checkpoint"]
 
 def cache_root() -> Path:
     return Path(os.environ.get("TORCHAT_CACHE", Path.home() / ".cache" / "torchat")) / "exported"
 
-def code_digest() -> str:
+def code_digest(quantized: bool) -> str:
+    """The code an export runs; torchat/quant only when it quantizes (it changes often, fp32 need not rebuild)."""
     digest = hashlib.sha256()
-    for entry in CODE:
+    for entry in CODE + ["torchat/quant"] * quantized:
         for path in sorted((REPO / entry).rglob("*.py")) if (REPO / entry).is_dir() else [REPO / entry]:
             digest.update(path.relative_to(REPO).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()
@@ -27,7 +27,7 @@ def code_digest() -> str:
 def cached_export(gguf: Path, suffix: str, flags: list[str]) -> tuple[Path, bool]:
     """(artifact, built now?) for SmolLM2 exported with `flags`; exported only when not already cached."""
     preimage = {"gguf": gguf.name, "size": gguf.stat().st_size, "suffix": suffix, "flags": flags,
-                "code": code_digest(), "toolchain": toolchain_versions()}
+                "code": code_digest("--quant" in flags), "toolchain": toolchain_versions()}
     key = hashlib.sha256(json.dumps(preimage, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_root() / key
     output = directory / f"model{suffix}"
