@@ -58,6 +58,9 @@ class AOTIModel : public Model {
       json = read_dso_trailer(path);
       dso_ = std::make_unique<torch::inductor::AOTIModelContainerRunnerCpu>(path, 1);
     }
+    if (json.find("\"device\": \"cpu\"") == std::string::npos)  // json.dumps's spelling of the metadata
+      throw RunnerError(path + ": exported for another device than cpu; runner-aoti drives CPU artifacts, export "
+                        "with --device cpu");
     info_.max_seq_len = json_int(json, {"max_seq_len"}, 0);
     info_.vocab_size = json_int(json, {"model_args", "vocab_size"}, 0);
     info_.bos_id = json_int(json, {"bos_id"}, -1);
