@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "lowering"))
+sys.path.insert(0, str(REPO / "tests"))
 from smollm2_artifacts import cached_export  # noqa: E402
 
 from torchat.assets import fetch_asset  # noqa: E402

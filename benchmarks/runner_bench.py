@@ -1,7 +1,7 @@
 """C++ runner tok/s against the same artifact loaded from Python (`torchat generate --*-path`'s code path).
 
 For each SmolLM2-135M artifact (fp32 .pt2 and .pte, and 8da4w .pte; exported once and cached by content, see
-tests/lowering/smollm2_artifacts.py) it generates NEW greedy tokens after the same prompt:
+tests/smollm2_artifacts.py) it generates NEW greedy tokens after the same prompt:
     python   the artifact loaded once with torchat.exported.load_exported; one untimed warm-up generation, then
              RUNS timed generations (GenerationStats: prefill tok/s, decode tok/s)
     runner   RUNS fresh processes of runner-aoti / runner-et (`run MODEL -z tokenizer.bin -i PROMPT -n NEW`); their
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "lowering"))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "runner"))
 
 PROMPT = "The history of the printing press begins"

@@ -152,6 +152,9 @@ def load_artifact(args: argparse.Namespace, path: Path):
     if tokenizer.vocab_size > metadata.vocab_size:
         raise TorchatError(f"the tokenizer has {tokenizer.vocab_size} tokens but {path.name} only "
                            f"{metadata.vocab_size}; pass the model's own --tokenizer-path")
+    quant = ", ".join(str(q) for q in metadata.quant) or "no quant"
+    print(f"torchat: loaded {path} ({metadata.backend}, {metadata.dtype}, {metadata.max_seq_len} positions, "
+          f"{quant})", file=sys.stderr)
     return model, tokenizer
 
 

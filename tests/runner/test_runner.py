@@ -3,8 +3,6 @@ seeded sampling, text output, and one-line errors with a non-zero exit on bad in
 random one with SmolLM2's vocabulary; the slow tests run the real SmolLM2 in fp32 against eager."""
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import runner_for, tiny_export
@@ -172,7 +170,6 @@ def smollm2_eager_greedy(smollm2_gguf):
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt2", ".pte"])
 def test_smollm2_fp32_greedy_64_equals_eager(request, smollm2_gguf, smollm2_eager_greedy, tokenizer_bins, suffix):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "lowering"))
     from smollm2_artifacts import cached_export
 
     artifact, _ = cached_export(smollm2_gguf, suffix, ["--max-seq-length", str(SMOLLM2_MAX_SEQ_LEN)])

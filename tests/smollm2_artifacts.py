@@ -10,7 +10,7 @@ from pathlib import Path
 from torchat.cli import main
 from torchat.lowering import toolchain_versions
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CODE = ["torchat/lowering", "torchat/exported.py", "torchat/export_cli.py", "torchat/model.py", "torchat/checkpoint"]
 
 def cache_root() -> Path:
