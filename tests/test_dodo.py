@@ -18,7 +18,6 @@ import pytest
 from test_store import graph_env, sha256, stub_calls, write_tiny_targets
 
 from torchat import spec, store
-from torchat.cli import VERBS
 
 DODO = spec.REPO_ROOT / "dodo.py"
 HEAVY = ("torch", "torchao", "executorch", "numpy", "safetensors", "gguf", "transformers")
@@ -210,19 +209,6 @@ def test_clean_and_info(env, tmp_path):
     assert ran(doit(env, "build:alpha-none-aoti")) == {"build:alpha-none-aoti"}
 
 
-MISSING = [step for step, info in spec.STEPS.items() if step != spec.Step.DOWNLOAD
-           and not (VERBS.get(info.verb) and (spec.REPO_ROOT / spec.verb_code_path(info.verb)).exists())]
-
-
-@pytest.mark.skipif(spec.Step.RUNNER not in MISSING, reason="the runner verb exists now")
-def test_a_step_whose_verb_does_not_exist_fails_naming_its_issue(env):
-    real = {k: v for k, v in env.items() if k != "TORCHAT_STEP_CLI"}
-    result = doit(real, "runner:aoti", check=False)
-    assert result.returncode == 1
-    assert "`torchat runner` does not exist yet (the C++ runner issue provides it)" in result.stderr
-    assert "runner:aoti" in ran(doit(real, "runner:aoti", check=False))  # not recorded as done
-
-
 def test_real_download_and_convert(tmp_path, frozen_repo, mistral_sentencepiece):
     """The real verbs on a random stories15M-shaped llama2.c checkpoint (needs the lead's `torchat convert`)."""
     import torch
@@ -257,10 +243,7 @@ def test_real_download_and_convert(tmp_path, frozen_repo, mistral_sentencepiece)
         p.name for p in converted.iterdir()}
     assert store.check_artifact(converted)
     assert ran(doit(env, "convert:tiny")) == set()
-    if spec.Step.QUANTIZE in MISSING:
-        result = doit(env, "build:tiny-none-aoti", check=False)
-        assert result.returncode == 1 and "`torchat quantize` does not exist yet" in result.stderr
-    else:  # eager's artifact is the quantized checkpoint
-        assert "quantize:tiny-none-bf16" in ran(doit(env, "build:tiny-none-eager"))
-        (quantized,) = (tmp_path / "artifacts" / "quantize").glob("*-tiny-none-bf16")
-        assert store.check_artifact(quantized) and (quantized / "model.safetensors").is_file()
+    # eager's artifact is the quantized checkpoint
+    assert "quantize:tiny-none-bf16" in ran(doit(env, "build:tiny-none-eager"))
+    (quantized,) = (tmp_path / "artifacts" / "quantize").glob("*-tiny-none-bf16")
+    assert store.check_artifact(quantized) and (quantized / "model.safetensors").is_file()

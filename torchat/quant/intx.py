@@ -103,6 +103,10 @@ class Int8DynActInt4Linear(IntxModule):
         module = cls.empty({"in_features": in_features, "out_features": out_features, "group_size": group_size},
                            w.dtype, w.device)
         module._set_plain_from(_intx_from_float(w, group_size, 4, True))
+        # XNNPACK stores group-wise weight scales in bf16 (executorch's node_visitor.get_quant_params): round them
+        # here, so the eager model computes what the .pte runs (this alone cut SmolLM2's eager-vs-pte logit gap
+        # from 1.34 to 0.51 on four layers)
+        module.scale = module.scale.to(torch.bfloat16).to(module.scale.dtype)
         return module
 
     def config(self) -> dict:
