@@ -63,7 +63,6 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint_dir, tmp_path):
     markdown = (out / "bench.md").read_text()
     assert "| system | precision | prefill tok/s | decode tok/s |" in markdown
     assert "torchat eager fp32" in markdown
-    pytest.importorskip("matplotlib")
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

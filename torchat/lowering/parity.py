@@ -24,14 +24,16 @@ class Tolerance:
 
 
 # Float lowerings reorder sums (fusions, XNNPACK's GEMM): ~1e-5 of the logit scale in fp32. Dynamic-activation
-# quant rounds the activations itself, so a rounding flip moves a logit by up to a few percent of the scale.
+# quant rounds the activations itself (XNNPACK with its own qd8 parameters), and a rounding flip cascades through
+# the layers: SmolLM2's 30-layer 8da4w .pte differs from eager by 2.41 on random tokens (logit scale 32, 7.5 %),
+# with the weight scales already rounded to XNNPACK's bf16; a wrong lowering is off by 40x the scale or more.
 TOLERANCES = {
     ("fp32", False): Tolerance(1e-4, 1e-5),
     ("bf16", False): Tolerance(0.05, 0.02),
     ("fp16", False): Tolerance(0.05, 0.01),
-    ("fp32", True): Tolerance(0.05, 0.04),
-    ("bf16", True): Tolerance(0.1, 0.05),
-    ("fp16", True): Tolerance(0.1, 0.04),
+    ("fp32", True): Tolerance(0.05, 0.1),
+    ("bf16", True): Tolerance(0.1, 0.1),
+    ("fp16", True): Tolerance(0.1, 0.1),
 }
 
 
