@@ -32,8 +32,8 @@ TOLERANCES = {
     ("bf16", False): Tolerance(0.05, 0.02),
     ("fp16", False): Tolerance(0.05, 0.01),
     ("fp32", True): Tolerance(0.05, 0.1),
-    ("bf16", True): Tolerance(0.1, 0.1),
-    ("fp16", True): Tolerance(0.1, 0.1),
+    ("bf16", True): Tolerance(0.1, 0.05),
+    ("fp16", True): Tolerance(0.1, 0.04),
 }
 
 
