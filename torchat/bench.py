@@ -17,6 +17,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,8 +78,18 @@ def summarize(values: list[float], digits: int = 3) -> dict:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set (children excluded)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident set (children excluded).
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec; ru_maxrss would not (it keeps the high-water
+    mark of the process that forked us, so every measurement process reported its parent's 2.8 GiB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20), 1)
 
 
 def host_info() -> dict:
