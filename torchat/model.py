@@ -127,7 +127,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin, input_pos, mask, attend=None):
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -136,6 +136,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (batch, kv_heads, max_seq_len, head_dim)
+            k, v = k[:, :, :attend], v[:, :, :attend]
         if q.device.type == "cpu" and q.dtype != torch.float32:
             # torch's CPU attention kernel runs bf16/fp16 ~10x slower than fp32 (benchmarks/results/bench.md)
             q, k, v = q.float(), k.float(), v.float()
@@ -162,8 +163,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos, mask, attend=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, attend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -181,6 +182,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.cache_len = 0
+        self.filled_attention = True  # attend over the filled part of the cache only (see _attended_slots)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV caches (dtype and device of the weights); positions must stay below max_seq_len."""
@@ -208,12 +210,27 @@ class Transformer(nn.Module):
         if input_pos is None:
             input_pos = torch.arange(seq, device=tokens.device)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        attend = None
         if self.cache_len:
-            # (seq, cache_len): query at position p sees keys 0..p; stale slots beyond p stay hidden
-            mask = torch.arange(self.cache_len, device=tokens.device)[None, :] <= input_pos[:, None]
+            attend = self._attended_slots(input_pos)
+            # (seq, attend): query at position p sees keys 0..p; stale slots beyond p stay hidden
+            mask = torch.arange(attend, device=tokens.device)[None, :] <= input_pos[:, None]
         else:
             mask = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, mask)
+            h = layer(h, cos, sin, input_pos, mask, attend)
         return self.output(self.norm(h)).float()
+
+    def _attended_slots(self, input_pos: torch.Tensor):
+        """How many cache slots attention reads: up to the last position written (positions ascend), so a step
+        costs what the context holds, not the whole static cache (at SmolLM2's size the attention over 2048 slots
+        cost more than its int4 weights). torch.compile'd decode keeps the whole cache: one static graph. In
+        torch.export the count is a data-dependent size, bounded by the cache."""
+        if not self.filled_attention or (torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+            return self.cache_len
+        end = input_pos[-1].item() + 1
+        if torch.compiler.is_exporting():
+            torch._check(end >= 1)
+            torch._check(end <= self.cache_len)
+        return end

@@ -95,7 +95,7 @@ def check_supported(lowering: Lowering, dtype: str, device: str, quant_specs: li
         backend_support(quant_specs, lowering.backend)
 
 
-def export_forward(model: Transformer, max_seq_len: int) -> ExportedProgram:
+def export_forward(model: Transformer, max_seq_len: int, filled_attention: bool = True) -> ExportedProgram:
     """The forward with a dynamic sequence length 1..max_seq_len and the KV cache as mutable buffers.
 
     The example prompt has S=2: an example of S=1 would specialize the dimension (0/1 specialization), and the
@@ -105,9 +105,13 @@ def export_forward(model: Transformer, max_seq_len: int) -> ExportedProgram:
     device = next(model.parameters()).device
     seq = Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
-    # under no_grad: ExecuTorch rejects an in-place cache write into a leaf that requires grad
-    with torch.no_grad():
-        return torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+    model.filled_attention = filled_attention
+    try:
+        # under no_grad: ExecuTorch rejects an in-place cache write into a leaf that requires grad
+        with torch.no_grad():
+            return torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+    finally:
+        model.filled_attention = True
 
 
 def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: str, device: str = "cpu",
@@ -138,7 +142,8 @@ def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: s
     scratch = scratch_dir / output.name
     try:
         start = time.perf_counter()
-        program = export_forward(model, max_seq_len)
+        # ExecuTorch plans its memory for static sizes: its artifact attends over the whole cache
+        program = export_forward(model, max_seq_len, filled_attention=lowering.backend != "et")
         exported_at = time.perf_counter()
         lowering.lower(program, metadata, scratch)
         lowered_at = time.perf_counter()
