@@ -2,9 +2,10 @@
 
 These are the forms ExecuTorch's XNNPACK delegate lowers correctly (notes/library-feasibility.md): the exported
 graph holds torchao's quantize/dequantize ops, which the partitioner and its quant fusion recognise. Codes and
-scales come from torchao (`IntxUnpackedToInt8Tensor.from_hp`, symmetric, as `Int8DynamicActivationIntxWeightConfig`
-and `IntxWeightOnlyConfig` choose them); a baked checkpoint stores them plainly (4-bit codes two to a byte,
-offset by 8) and `pack()` rebuilds the tensor subclass.
+scales of embeddings come from torchao (`IntxUnpackedToInt8Tensor.from_hp`, symmetric, as
+`IntxWeightOnlyConfig` chooses them); 8da4w weights get searched scales (`symmetric_int4_qparams`); a baked
+checkpoint stores codes and scales plainly (4-bit codes two to a byte, offset by 8) and `pack()` rebuilds the
+tensor subclass.
 """
 
 import torch
@@ -17,15 +18,52 @@ from torchat.quant.base import (QuantizedModule, group_view, pack_nibbles, pad_c
 BIT_DTYPES = {4: torch.int4, 8: torch.int8}
 
 
-def _intx_from_float(w: torch.Tensor, group_size: int, bits: int, dynamic_activations: bool):
+def _intx_from_float(w: torch.Tensor, group_size: int, bits: int):
+    """torchao's symmetric codes and scales (weight-only, as for embeddings)."""
     from torchao.quantization import IntxUnpackedToInt8Tensor, MappingType
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8TensorActivationQuantization as ActQuant)
 
     block = (1, group_size or w.shape[1])
-    act = ActQuant.INT8_ASYM_PER_TOKEN if dynamic_activations else None
-    return IntxUnpackedToInt8Tensor.from_hp(w, block, BIT_DTYPES[bits], mapping_type=MappingType.SYMMETRIC,
-                                            activation_quantization=act)
+    return IntxUnpackedToInt8Tensor.from_hp(w, block, BIT_DTYPES[bits], mapping_type=MappingType.SYMMETRIC)
+
+
+# Divisors tried for a group's largest magnitude m (scale = m / divisor): torchao's choice, m / 7.5, and coarser
+# grids that may fit the rest of the group better. A peak is never clipped: a divisor above 7.5 (8 for a negative
+# peak, which code -8 holds) is capped there, since clipping the outliers, though it lowers the squared weight error,
+# raised SmolLM2's perplexity at groups of 128 and 256. Scales stay positive: XNNPACK fails to run a .pte with a
+# negative one ("error: 0x1"), which rules out mirrored grids.
+SEARCH_DIVISORS = (6.5, 7.0, 7.25, 7.5, 8.0)
+
+
+def symmetric_int4_qparams(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Codes int8 (rows, cols) in [-8, 7] and positive scales (rows, groups) in scale_dtype, with values that bf16
+    holds exactly (XNNPACK stores group scales in bf16, executorch's node_visitor.get_quant_params), for a weight
+    (rows, cols) whose cols divide into groups.
+
+    Per group, the scale of least squared error among SEARCH_DIVISORS and the least-squares refit of the best
+    one's codes, none finer than the grid that holds the group's peak; codes are rounded against the bf16 scale
+    they will run with. Written here, not taken from torchao: its `from_hp` has only the m / 7.5 scale.
+    """
+    g = group_view(w.detach().float(), group_size)  # (rows, groups, group_size)
+    signed_peak = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # (rows, groups, 1)
+    peak = signed_peak.abs()
+    finest = peak / torch.where(signed_peak < 0, 8.0, 7.5)  # the smallest scale that clips no value
+    best_error = torch.full_like(peak, float("inf"))
+    best_scale = torch.ones_like(peak)
+
+    def consider(raw: torch.Tensor) -> None:
+        nonlocal best_error, best_scale
+        scale = torch.maximum(raw, finest).to(torch.bfloat16).float()
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: codes 0 anyway
+        error = ((torch.round(g / scale).clamp(-8, 7) * scale - g) ** 2).sum(-1, keepdim=True)
+        better = error < best_error
+        best_error, best_scale = torch.where(better, error, best_error), torch.where(better, scale, best_scale)
+
+    for divisor in SEARCH_DIVISORS:
+        consider(peak / divisor)
+    codes = torch.round(g / best_scale).clamp(-8, 7)
+    consider((g * codes).sum(-1, keepdim=True).abs() / (codes * codes).sum(-1, keepdim=True).clamp(min=1))
+    codes = torch.round(g / best_scale).clamp(-8, 7).to(torch.int8).reshape(w.shape)
+    return codes, best_scale[..., 0].to(scale_dtype)
 
 
 def _intx_tensor(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, bits: int,
@@ -102,11 +140,10 @@ class Int8DynActInt4Linear(IntxModule):
         w = pad_columns(weight.detach().to(dtype or weight.dtype), padded_size(in_features, group_size))
         module = cls.empty({"in_features": in_features, "out_features": out_features, "group_size": group_size},
                            w.dtype, w.device)
-        module._set_plain_from(_intx_from_float(w, group_size, 4, True))
-        # XNNPACK stores group-wise weight scales in bf16 (executorch's node_visitor.get_quant_params): round them
-        # here, so the eager model computes what the .pte runs (this alone cut SmolLM2's eager-vs-pte logit gap
-        # from 1.34 to 0.51 on four layers)
-        module.scale = module.scale.to(torch.bfloat16).to(module.scale.dtype)
+        # scales that bf16 holds exactly, so that the eager model computes what the .pte runs (rounding them so
+        # cut SmolLM2's eager-vs-pte logit gap from 1.34 to 0.51 on four layers)
+        codes, scale = symmetric_int4_qparams(w, group_size, w.dtype)
+        module.qdata, module.scale = pack_nibbles(codes + 8), scale
         return module
 
     def config(self) -> dict:
@@ -157,7 +194,7 @@ class QuantizedEmbedding(IntxModule):
         w = weight.detach().to(dtype or weight.dtype)
         module = cls.empty({"num_embeddings": rows, "embedding_dim": cols, "bits": bits, "group_size": group_size},
                            w.dtype, w.device)
-        module._set_plain_from(_intx_from_float(w, group_size, bits, False))
+        module._set_plain_from(_intx_from_float(w, group_size, bits))
         return module
 
     def config(self) -> dict:
