@@ -77,6 +77,10 @@ def test_8da4w_weight_error_is_within_a_symmetric_step(group_size):
     inside = (g / scale >= -8.5) & (g / scale <= 7.5)
     error = (codes * scale - g).abs()
     assert bool((error[inside] <= scale.expand_as(g)[inside] / 2 + 1e-7).all())
+    # no peak is clipped, so every value stays within one step of torchao's |max| / 7.5 grid, as before the search
+    torchao_step = g.abs().amax(-1) / 7.5
+    bound = torchao_step[..., None].expand_as(g).reshape(w.shape[0], -1)[:, :w.shape[1]]
+    assert bool(((module.dequantized_weight() - w).abs() <= bound + 1e-6).all())
     assert bool((module.scale > 0).all())  # XNNPACK runs no negative scale
     assert -8 <= int(module.codes().min()) and int(module.codes().max()) <= 7
     assert torch.equal(module.scale, module.scale.to(torch.bfloat16).float())  # what XNNPACK stores
