@@ -186,6 +186,9 @@ def _load_pte_module(path: Path):
     # registers the quantized_decomposed kernels (embedding_byte/4bit...) that quantized programs call;
     # without them loading fails with error 0x14
     import executorch.kernels.quantized  # noqa: F401
+    from torchat.lowering.et import load_llm_ops
+
+    load_llm_ops()  # the attention's llama::update_cache / custom_sdpa kernels
 
     try:
         return _load_for_executorch(str(path))

@@ -182,7 +182,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.cache_len = 0
-        self.filled_attention = True  # attend over the filled part of the cache only (see _attended_slots)
+        # attend over the filled part of the cache only (see _attended_slots); off while a backend's own
+        # attention (torchat.lowering.et) replaces the layers'
+        self.filled_attention = True
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV caches (dtype and device of the weights); positions must stay below max_seq_len."""

@@ -2,6 +2,8 @@
 the KV cache restarting at position 0, metadata, the automatic check that refuses a wrong lowering, and the
 combinations that are refused up front."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -107,7 +109,7 @@ def test_wrong_lowering_fails_the_export_and_publishes_nothing(tmp_path, monkeyp
                                                                requires_grad=False)
         pte.lower(program, metadata, output)
 
-    monkeypatch.setitem(LOWERINGS, ".pte", type(pte)(pte.backend, wrong_lower, pte.dtypes, pte.devices))
+    monkeypatch.setitem(LOWERINGS, ".pte", dataclasses.replace(pte, lower=wrong_lower))
     model = tiny_transformer()
     with pytest.raises(TorchatError, match="disagrees with the eager model"):
         export_model(model, tmp_path / "wrong.pte", max_seq_len=16, dtype="fp32")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,12 +37,14 @@ class Lowering:
     lower: Callable[[ExportedProgram, ArtifactMetadata, Path], None]
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
+    # (model, max_seq_len) -> a context manager that adapts the caches and attention to the backend for the export
+    attention: Callable | None = None
 
 
 def _lazy(module: str, function: str):
-    def lower(program: ExportedProgram, metadata: ArtifactMetadata, output: Path) -> None:
-        return getattr(importlib.import_module(module), function)(program, metadata, output)
-    return lower
+    def call(*args):
+        return getattr(importlib.import_module(module), function)(*args)
+    return call
 
 
 # artifact suffix -> how it is built; the backend token is what quant.backend_support and the build graph use
@@ -51,7 +54,8 @@ LOWERINGS = {
     ".so": Lowering("aoti", _lazy("torchat.lowering.aoti", "lower_aoti_dso"), ("fp32", "bf16", "fp16"),
                     ("cpu", "cuda")),
     # XNNPACK's fp32 path; its fp16/bf16 support is partial and not checked here, so it is refused
-    ".pte": Lowering("et", _lazy("torchat.lowering.et", "lower_et"), ("fp32",), ("cpu",)),
+    ".pte": Lowering("et", _lazy("torchat.lowering.et", "lower_et"), ("fp32",), ("cpu",),
+                     attention=_lazy("torchat.lowering.et", "llm_attention")),
 }
 BACKENDS = sorted({lowering.backend for lowering in LOWERINGS.values()})
 
@@ -95,9 +99,10 @@ def check_supported(lowering: Lowering, dtype: str, device: str, quant_specs: li
         backend_support(quant_specs, lowering.backend)
 
 
-def export_forward(model: Transformer, max_seq_len: int, filled_attention: bool = True) -> ExportedProgram:
+def export_forward(model: Transformer, max_seq_len: int, attention: Callable | None = None) -> ExportedProgram:
     """The forward with a dynamic sequence length 1..max_seq_len and the KV cache as mutable buffers.
 
+    attention: a backend's (model, max_seq_len) -> context manager that swaps in its own cache and attention.
     The example prompt has S=2: an example of S=1 would specialize the dimension (0/1 specialization), and the
     tokens and the positions must share one Dim for the index_put into the cache to stay dynamic.
     """
@@ -105,13 +110,15 @@ def export_forward(model: Transformer, max_seq_len: int, filled_attention: bool 
     device = next(model.parameters()).device
     seq = Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
-    model.filled_attention = filled_attention
-    try:
-        # under no_grad: ExecuTorch rejects an in-place cache write into a leaf that requires grad
-        with torch.no_grad():
-            return torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
-    finally:
-        model.filled_attention = True
+    # under no_grad: ExecuTorch rejects an in-place cache write into a leaf that requires grad
+    with torch.no_grad(), (attention or _model_attention)(model, max_seq_len):
+        return torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+
+
+@contextmanager
+def _model_attention(model: Transformer, max_seq_len: int):
+    """The model's own cache and attention (over the filled slots: a data-dependent length the export bounds)."""
+    yield model
 
 
 def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: str, device: str = "cpu",
@@ -142,8 +149,7 @@ def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: s
     scratch = scratch_dir / output.name
     try:
         start = time.perf_counter()
-        # ExecuTorch plans its memory for static sizes: its artifact attends over the whole cache
-        program = export_forward(model, max_seq_len, filled_attention=lowering.backend != "et")
+        program = export_forward(model, max_seq_len, lowering.attention)
         exported_at = time.perf_counter()
         lowering.lower(program, metadata, scratch)
         lowered_at = time.perf_counter()
