@@ -64,8 +64,8 @@ def test_parsed_fields(real):
 
 @pytest.mark.parametrize("name, message", [
     ("smollm2-135m-int4-gpu", "unknown backend 'gpu'; choose one of: aoti, eager, et"),
-    ("smollm2-135m-int5-aoti", "unknown quant preset 'int5'; choose one of: 8da4w, 8da4w-emb4, emb8, gptq, hqq, "
-                               "int4, int8, none"),
+    ("smollm2-135m-int5-aoti", "unknown quant preset 'int5'; choose one of: 8da4w, 8da4w-emb4, 8da8w, emb8, gptq, "
+                               "hqq, int4, int8, none"),
     ("smollm-int4-aoti", "unknown model 'smollm'; choose one of: Llama-2-7b-chat, Llama-3-8B-Instruct, "
                          "Llama-3.2-1B-Instruct, Mistral-7B-Instruct-v0.2, smollm2-135m, stories110M, stories15M, "
                          "stories42M"),

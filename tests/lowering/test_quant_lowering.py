@@ -17,6 +17,7 @@ from torchat.quant import parse_quant, quantize_model
 SUPPORTED = [
     ({"linear:8da4w": {"group_size": 32}, "embedding": {"bitwidth": 4, "group_size": 32}}, ".pte"),
     ({"embedding": {"bitwidth": 8, "group_size": 0}}, ".pte"),
+    ({"linear:8da8w": {}}, ".pte"),
     ({"linear:8da4w": {"group_size": 32}}, ".pt2"),
     ({"linear:int4": {"group_size": 32}}, ".pt2"),
 ]

@@ -9,7 +9,7 @@ from torchat.model import ModelArgs, Transformer
 from torchat.quant import QUANTIZERS, backend_support, parse_quant, quantize_model
 from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
-from torchat.quant.intx import Int8DynActInt4Linear, QuantizedEmbedding
+from torchat.quant.intx import Int8DynActInt4Linear, Int8DynActInt8Linear, QuantizedEmbedding
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=160, hidden_dim=96, max_seq_len=64)
 CALIBRATION = torch.randint(0, 160, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -21,6 +21,7 @@ EXPORT_SCHEMES = {
     "hqq-g32": '{"linear:hqq": {"group_size": 32}}',
     "gptq-g32": '{"linear:gptq": {"group_size": 32}}',
     "8da4w-g64": '{"linear:8da4w": {"group_size": 64}}',
+    "8da8w": '{"linear:8da8w": {}}',
     "emb4": '{"embedding": {"bitwidth": 4, "group_size": 32}}',
     "bf16+int4": '{"precision": {"dtype": "bf16"}, "linear:int4": {"group_size": 32}}',
 }
@@ -79,6 +80,7 @@ def test_every_module_kind_compiles_with_eager_numbers():
         "layers.0.attention.wo": Int8WeightOnlyLinear.from_float(w("layers.0.attention.wo"), 32),
         "layers.1.feed_forward.w1": Int8DynActInt4Linear.from_float(w("layers.1.feed_forward.w1"), 32),
         "layers.1.feed_forward.w2": Int8DynActInt4Linear.from_float(w("layers.1.feed_forward.w2"), 64),  # padded
+        "layers.1.feed_forward.w3": Int8DynActInt8Linear.from_float(w("layers.1.feed_forward.w3")),
     }
     for name, module in swaps.items():
         module.pack()
@@ -98,6 +100,7 @@ def test_weight_only_linear_is_refused_on_executorch(scheme):
 
 
 def test_dynamic_activation_and_embedding_quant_are_allowed_on_executorch():
+    backend_support(parse_quant('{"linear:8da8w": {}}'), "et")
     backend_support(parse_quant('{"linear:a8w4dq": {"groupsize": 32}, "embedding": {"bitwidth": 4, '
                                 '"groupsize": 32}, "precision": {"dtype": "fp32"}}'), "et")
 

@@ -25,6 +25,7 @@ SCHEMES = {
     "hqq-g32": '{"linear:hqq": {"group_size": 32}}',
     "gptq-g32": '{"linear:gptq": {"group_size": 32}}',
     "8da4w-g32": '{"linear:a8w4dq": {"groupsize": 32}}',
+    "8da8w": '{"linear:8da8w": {}}',
     "emb8": '{"embedding": {"bitwidth": 8, "group_size": 0}}',
     "8da4w+emb4": '{"linear:8da4w": {"group_size": 32}, "embedding": {"bitwidth": 4, "group_size": 32}}',
     "bf16+int4": '{"linear:int4": {"group_size": 32}, "precision": {"dtype": "bf16"}}',

@@ -10,7 +10,7 @@ from torchat.quant.base import group_view, pack_nibbles, unpack_nibbles
 from torchat.quant.gptq import gptq_quantize_weight
 from torchat.quant.int4 import Int4WeightOnlyLinear, minmax_qparams, quantize_codes
 from torchat.quant.int8 import Int8WeightOnlyLinear
-from torchat.quant.intx import Int8DynActInt4Linear, QuantizedEmbedding
+from torchat.quant.intx import Int8DynActInt4Linear, Int8DynActInt8Linear, QuantizedEmbedding
 
 
 def weights(out_features=96, in_features=576, seed=0) -> torch.Tensor:
@@ -122,7 +122,8 @@ def _reference_int8_activations(x: torch.Tensor) -> torch.Tensor:
     (lambda w: Int8WeightOnlyLinear.from_float(w, 128), 1e-5),
     (lambda w: Int8DynActInt4Linear.from_float(w, 32), 1e-4),
     (lambda w: Int8DynActInt4Linear.from_float(w, 128), 1e-4),
-], ids=["int4-g32", "int4-g256", "hqq-g64", "int8", "int8-g128", "8da4w-g32", "8da4w-g128"])
+    (lambda w: Int8DynActInt8Linear.from_float(w), 1e-4),
+], ids=["int4-g32", "int4-g256", "hqq-g64", "int8", "int8-g128", "8da4w-g32", "8da4w-g128", "8da8w"])
 def test_packed_kernel_matches_the_dequantized_weight(make, atol):
     """Packed runtime (tinygemm / int8pack / torchao subclass) vs F.linear on dequantized weights. int4 and
     channel-wise int8 compute in bf16 on CPU, hence their looser tolerance (output scale is about 1)."""

@@ -21,7 +21,7 @@ from torchat.model import ModelArgs, Transformer, rope_frequencies
 from torchat.quant.base import QuantizedModule
 from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
-from torchat.quant.intx import Int8DynActInt4Linear, QuantizedEmbedding
+from torchat.quant.intx import Int8DynActInt4Linear, Int8DynActInt8Linear, QuantizedEmbedding
 from torchat.quant.quantizer import QuantReport, quantize_model
 from torchat.quant.schemes import TORCH_DTYPES
 from torchat.quant.spec import QuantSpec
@@ -30,7 +30,8 @@ QUANT_MANIFEST, WEIGHTS, ARGS, METADATA = "quant.json", "model.safetensors", "mo
 MANIFEST_VERSION = 1
 
 MODULE_KINDS: dict[str, type[QuantizedModule]] = {
-    cls.kind: cls for cls in (Int4WeightOnlyLinear, Int8WeightOnlyLinear, Int8DynActInt4Linear, QuantizedEmbedding)}
+    cls.kind: cls for cls in (Int4WeightOnlyLinear, Int8WeightOnlyLinear, Int8DynActInt4Linear, Int8DynActInt8Linear,
+                              QuantizedEmbedding)}
 
 
 def is_quantized_dir(path: Path) -> bool:

@@ -1,9 +1,9 @@
-"""torchao's IntxUnpackedToInt8Tensor behind torchat modules: 8da4w linear and int8/int4 embeddings.
+"""torchao's IntxUnpackedToInt8Tensor behind torchat modules: 8da4w and 8da8w linears, int8/int4 embeddings.
 
 These are the forms ExecuTorch's XNNPACK delegate lowers correctly (notes/library-feasibility.md): the exported
 graph holds torchao's quantize/dequantize ops, which the partitioner and its quant fusion recognise. Codes and
 scales of embeddings come from torchao (`IntxUnpackedToInt8Tensor.from_hp`, symmetric, as
-`IntxWeightOnlyConfig` chooses them); 8da4w weights get searched scales (`symmetric_int4_qparams`); a baked
+`IntxWeightOnlyConfig` chooses them), and so do 8da8w's per-channel weights; 8da4w weights get searched scales (`symmetric_int4_qparams`); a baked
 checkpoint stores codes and scales plainly (4-bit codes two to a byte, offset by 8) and `pack()` rebuilds the
 tensor subclass.
 """
@@ -173,6 +173,30 @@ class Int8DynActInt4Linear(IntxModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"padded_in={self.padded_in}")
+
+
+class Int8DynActInt8Linear(Int8DynActInt4Linear):
+    """8da8w: per-token asymmetric int8 activations, symmetric int8 weights with one scale per output channel
+    (XNNPACK's qd8-f32-qc8w GEMM; group-wise int8 weights have no XNNPACK kernel)."""
+
+    kind = "int8_dynamic_act_int8_weight"
+    bits = 8
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 0, dtype: torch.dtype | None = None):
+        assert group_size == 0, "8da8w weights are per channel"
+        out_features, in_features = weight.shape
+        w = weight.detach().to(dtype or weight.dtype)
+        module = cls.empty({"in_features": in_features, "out_features": out_features, "group_size": 0},
+                           w.dtype, w.device)
+        module._set_plain_from(_intx_from_float(w, 0, 8))
+        return module
+
+    @classmethod
+    def empty(cls, config: dict, dtype: torch.dtype, device) -> "Int8DynActInt8Linear":
+        n, k = config["out_features"], config["in_features"]
+        return cls(k, n, 0, torch.empty(n, k, dtype=torch.int8, device=device),
+                   torch.empty(n, 1, dtype=dtype, device=device), torch.zeros(n, 1, dtype=torch.int8, device=device))
 
 
 class QuantizedEmbedding(IntxModule):

@@ -11,7 +11,7 @@ from torchat.errors import TorchatError
 from torchat.spec import Backend
 from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
-from torchat.quant.intx import Int8DynActInt4Linear, QuantizedEmbedding
+from torchat.quant.intx import Int8DynActInt4Linear, Int8DynActInt8Linear, QuantizedEmbedding
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = tuple(b.value for b in Backend)  # the build graph's closed vocabulary: eager, aoti, et
@@ -92,6 +92,8 @@ QUANTIZERS: dict[str, Scheme] = {
     "linear:8da4w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt4Linear.from_float(m.weight,
                                                                                                o["group_size"])),
                            {}, "int8 per-token dynamic activations, int4 symmetric group-wise weights"),
+    "linear:8da8w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt8Linear.from_float(m.weight)),
+                           {}, "int8 per-token dynamic activations, int8 symmetric per-channel weights"),
     "linear:gptq": Scheme(nn.Linear, _quantize_gptq, {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
                           "int4 weight-only linear with GPTQ error compensation, calibrated on English text"),
     "linear:hqq": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight,

@@ -79,6 +79,8 @@ SCHEME_OPTIONS: dict[str, dict[str, Option]] = {
                                          "0 (one scale per output channel) or one of 32, 64, 128, 256")},
     "linear:int4": {"group_size": _group(128, INT4_GROUP_SIZES)},
     "linear:8da4w": {"group_size": _group(256, INT4_GROUP_SIZES), "bitwidth": _choice(4)},
+    "linear:8da8w": {"group_size": Option(0, lambda v: v == 0, "0 (one scale per output channel: XNNPACK has "
+                                          "no group-wise int8 kernel)"), "bitwidth": _choice(8)},
     "linear:gptq": {"group_size": _group(128, INT4_GROUP_SIZES), **_CALIBRATION},
     "linear:hqq": {"group_size": _group(128, INT4_GROUP_SIZES)},
     "precision": {"dtype": Option("fp32", lambda v: v in DTYPE_NAMES, "one of fp32, bf16, fp16")},
