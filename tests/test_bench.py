@@ -92,6 +92,10 @@ def test_weight_bytes_per_token_of_smollm2():
     assert weight_bytes_per_token(args, [{"scheme": "precision", "options": {"dtype": "bf16"}}], "fp32") == params * 2
     int4 = weight_bytes_per_token(args, [{"scheme": "linear:int4", "options": {"group_size": 32}}], "fp32")
     assert int4 == pytest.approx(params * 5 / 8, rel=0.01)  # 4 bits + a bf16 scale and zero per 32
+    # 8 bits + one fp32 scale per output channel
+    for scheme in ("linear:int8", "linear:8da8w"):
+        int8 = weight_bytes_per_token(args, [{"scheme": scheme, "options": {"group_size": 0}}], "fp32")
+        assert params < int8 < params * 1.01
 
 
 def test_prompt_is_fixed_prose(botchan_sp_models):

@@ -186,7 +186,7 @@ def weight_bytes_per_token(model_args: dict, quant: list[dict], dtype: str) -> i
         group = options.get("group_size", 0)
         padded = _padded(in_features, group)
         groups = 1 if not group else padded // group
-        if scheme == "linear:int8":
+        if scheme in ("linear:int8", "linear:8da8w"):
             total += out_features * padded + out_features * groups * float_bytes
         elif scheme == "linear:8da4w":
             total += out_features * padded // 2 + out_features * groups * float_bytes

@@ -179,7 +179,7 @@ def precision_class(specs: list[dict], dtype: str) -> str:
     linear = next((s for s in specs if s["scheme"].startswith("linear:")), None)
     if linear is None:
         return next((s["options"]["dtype"] for s in specs if s["scheme"] == "precision"), dtype)
-    return "int8" if linear["scheme"] == "linear:int8" else "int4"
+    return "int8" if linear["scheme"] in ("linear:int8", "linear:8da8w") else "int4"
 
 
 def quant_label(specs: list[dict], dtype: str) -> str:
