@@ -180,13 +180,17 @@ def _artifact_device(path: Path, metadata: ArtifactMetadata) -> torch.device:
     return device
 
 
+def load_llm_ops() -> None:
+    """Register ExecuTorch's llama:: ops: their export (meta) forms and, for the pybindings runtime, kernels."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
 def _load_pte_module(path: Path):
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     # registers the quantized_decomposed kernels (embedding_byte/4bit...) that quantized programs call;
     # without them loading fails with error 0x14
     import executorch.kernels.quantized  # noqa: F401
-    from torchat.lowering.et import load_llm_ops
 
     load_llm_ops()  # the attention's llama::update_cache / custom_sdpa kernels
 

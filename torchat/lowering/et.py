@@ -18,13 +18,8 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
-from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata
+from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
 from torchat.model import Attention, Transformer, apply_rope
-
-
-def load_llm_ops() -> None:
-    """Register ExecuTorch's llama:: ops: their export (meta) forms and, for the pybindings runtime, kernels."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
 
 
 class CachedAttention(nn.Module):
