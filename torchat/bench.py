@@ -163,6 +163,9 @@ def _padded(n: int, group: int) -> int:
     return n if not group else -(-n // group) * group
 
 
+EIGHT_BIT_LINEARS = ("linear:int8", "linear:8da8w")  # 8-bit weights: their peer is llama.cpp's Q8_0
+
+
 def weight_bytes_per_token(model_args: dict, quant: list[dict], dtype: str) -> int:
     """Bytes of weights one decode step reads, in the quantized format's own storage (codes plus scales).
 
@@ -186,7 +189,7 @@ def weight_bytes_per_token(model_args: dict, quant: list[dict], dtype: str) -> i
         group = options.get("group_size", 0)
         padded = _padded(in_features, group)
         groups = 1 if not group else padded // group
-        if scheme in ("linear:int8", "linear:8da8w"):
+        if scheme in EIGHT_BIT_LINEARS:
             total += out_features * padded + out_features * groups * float_bytes
         elif scheme == "linear:8da4w":
             total += out_features * padded // 2 + out_features * groups * float_bytes

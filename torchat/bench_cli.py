@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from torchat.bench import EIGHT_BIT_LINEARS
 from torchat.errors import TorchatError
 from torchat.loader import add_model_arguments
 
@@ -179,7 +180,7 @@ def precision_class(specs: list[dict], dtype: str) -> str:
     linear = next((s for s in specs if s["scheme"].startswith("linear:")), None)
     if linear is None:
         return next((s["options"]["dtype"] for s in specs if s["scheme"] == "precision"), dtype)
-    return "int8" if linear["scheme"] in ("linear:int8", "linear:8da8w") else "int4"
+    return "int8" if linear["scheme"] in EIGHT_BIT_LINEARS else "int4"
 
 
 def quant_label(specs: list[dict], dtype: str) -> str:

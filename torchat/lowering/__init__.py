@@ -37,7 +37,7 @@ class Lowering:
     lower: Callable[[ExportedProgram, ArtifactMetadata, Path], None]
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
-    # (model, max_seq_len) -> a context manager that adapts the caches and attention to the backend for the export
+    # model (caches set up) -> a context manager that adapts its caches and attention to the backend for the export
     attention: Callable | None = None
 
 
@@ -102,7 +102,7 @@ def check_supported(lowering: Lowering, dtype: str, device: str, quant_specs: li
 def export_forward(model: Transformer, max_seq_len: int, attention: Callable | None = None) -> ExportedProgram:
     """The forward with a dynamic sequence length 1..max_seq_len and the KV cache as mutable buffers.
 
-    attention: a backend's (model, max_seq_len) -> context manager that swaps in its own cache and attention.
+    attention: a backend's model -> context manager that swaps in its own cache and attention.
     The example prompt has S=2: an example of S=1 would specialize the dimension (0/1 specialization), and the
     tokens and the positions must share one Dim for the index_put into the cache to stay dynamic.
     """
@@ -111,12 +111,12 @@ def export_forward(model: Transformer, max_seq_len: int, attention: Callable | N
     seq = Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
     # under no_grad: ExecuTorch rejects an in-place cache write into a leaf that requires grad
-    with torch.no_grad(), (attention or _model_attention)(model, max_seq_len):
+    with torch.no_grad(), (attention or _model_attention)(model):
         return torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
 
 
 @contextmanager
-def _model_attention(model: Transformer, max_seq_len: int):
+def _model_attention(model: Transformer):
     """The model's own cache and attention (over the filled slots: a data-dependent length the export bounds)."""
     yield model
 

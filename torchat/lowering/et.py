@@ -19,7 +19,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
-from torchat.model import Attention, Transformer, apply_rope
+from torchat.model import Attention, KVCache, Transformer, apply_rope
 
 
 class CachedAttention(nn.Module):
@@ -29,14 +29,15 @@ class CachedAttention(nn.Module):
     consecutive (a prompt, then one token at a time), which is how every caller drives the model.
     """
 
-    def __init__(self, attention: Attention, max_seq_len: int):
+    def __init__(self, attention: Attention, cache: KVCache):
         super().__init__()
         self.attention = attention
-        weight = attention.wq.weight
-        shape = (1, max_seq_len, attention.n_kv_heads, attention.head_dim)
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        # the model's cache (batch, kv_heads, max_seq_len, head_dim) with seq and heads swapped; its dtype and device
+        like = cache.k_cache.transpose(1, 2)
+        self.register_buffer("k_cache", torch.zeros_like(like, memory_format=torch.contiguous_format),
+                             persistent=False)
+        self.register_buffer("v_cache", torch.zeros_like(like, memory_format=torch.contiguous_format),
+                             persistent=False)
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
         a = self.attention
@@ -55,16 +56,16 @@ class CachedAttention(nn.Module):
 
 
 @contextmanager
-def llm_attention(model: Transformer, max_seq_len: int):
+def llm_attention(model: Transformer):
     """Every layer's attention on ExecuTorch's LLM ops while the forward is exported, then back as it was."""
     load_llm_ops()
     originals = [layer.attention for layer in model.layers]
     caches = [attention.kv_cache for attention in originals]
     model.filled_attention = False  # the wrappers bound their attention themselves
     try:
-        for layer, attention in zip(model.layers, originals):
+        for layer, attention, cache in zip(model.layers, originals, caches):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
-            layer.attention = CachedAttention(attention, max_seq_len)
+            layer.attention = CachedAttention(attention, cache)
         yield model
     finally:
         for layer, attention, cache in zip(model.layers, originals, caches):
