@@ -66,8 +66,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 whatever the model dtype, as the reference implementations do
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(self.mean_square(xf) + self.eps)
         return xf.type_as(x) * self.weight
+
+    def mean_square(self, xf: torch.Tensor) -> torch.Tensor:
+        """Over the last dim, kept (a backend's form may compute it another way)."""
+        return xf.pow(2).mean(-1, keepdim=True)
 
 
 def rope_frequencies(args: ModelArgs, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +97,13 @@ def _llama31_scale(inv_freq: torch.Tensor, factor: float, low_freq_factor: float
                        torch.where(wavelen < high_wavelen, inv_freq, blended))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rotated: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim). rotated: x's rotate-half when the caller
+    computes it another way."""
+    if rotated is None:
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
-from torchat.model import Attention, KVCache, RMSNorm, Transformer
+from torchat.model import Attention, KVCache, RMSNorm, Transformer, apply_rope
 
 
 class CachedAttention(nn.Module):
@@ -53,10 +53,7 @@ class CachedAttention(nn.Module):
         self.register_buffer("rotation", rotation, persistent=False)
 
     def rope(self, x, cos, sin):
-        """torchat.model.apply_rope with the rotation as a matmul."""
-        rotated = nn.functional.linear(x, self.rotation.to(x.dtype))
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        return (x.float() * cos + rotated.float() * sin).type_as(x)
+        return apply_rope(x, cos, sin, rotated=nn.functional.linear(x, self.rotation.to(x.dtype)))
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
         a = self.attention
@@ -74,20 +71,19 @@ class CachedAttention(nn.Module):
         return a.wo(y.type_as(x).reshape(batch, -1, a.n_heads * a.head_dim))
 
 
-class MatmulRMSNorm(nn.Module):
-    """`norm` with the mean square as a matmul with a constant 1/dim row (XNNPACK delegates it; see above)."""
+class MatmulRMSNorm(RMSNorm):
+    """An RMSNorm (sharing `norm`'s weight) whose mean square is a matmul with a constant 1/dim row, which XNNPACK
+    delegates (see above)."""
 
     def __init__(self, norm: RMSNorm):
-        super().__init__()
-        self.norm = norm
         dim = norm.weight.shape[0]
+        super().__init__(dim, norm.eps)
+        self.weight = norm.weight
         self.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim, device=norm.weight.device),
                              persistent=False)
 
-    def forward(self, x):
-        xf = x.float()
-        mean_square = nn.functional.linear(xf * xf, self.mean_row)
-        return (xf * torch.rsqrt(mean_square + self.norm.eps)).type_as(x) * self.norm.weight
+    def mean_square(self, xf):
+        return nn.functional.linear(xf * xf, self.mean_row)
 
 
 @contextmanager
