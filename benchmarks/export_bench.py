@@ -37,10 +37,12 @@ SCHEMES = {
     "8da4w": {"linear:8da4w": {"group_size": 32}},
     "8da4w-emb4": {"linear:8da4w": {"group_size": 32}, "embedding": {"bitwidth": 4, "group_size": 32}},
     "int4": {"linear:int4": {"group_size": 32}},
+    "8da8w": {"linear:8da8w": {}},
+    "int8": {"linear:int8": {"bitwidth": 8, "groupsize": 0}},
 }
 # backend-scheme-dtype
 ROWS = ["eager-none-fp32", "aoti-none-fp32", "et-none-fp32", "aoti-none-bf16", "et-8da4w-fp32",
-        "et-8da4w-emb4-fp32", "aoti-8da4w-fp32", "aoti-int4-bf16"]
+        "et-8da4w-emb4-fp32", "aoti-8da4w-fp32", "aoti-int4-bf16", "et-8da8w-fp32", "aoti-int8-bf16"]
 SUFFIX = {"aoti": ".pt2", "et": ".pte"}
 
 
