@@ -39,7 +39,8 @@ def main() -> None:
     load_llm_ops()
     metadata = read_metadata(args.pte)
     module = _load_for_executorch(str(args.pte), enable_etdump=True)
-    tokens = torch.randint(0, metadata.vocab_size, (1, args.prompt + 4 + args.steps), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, metadata.vocab_size, (1, args.prompt + 4 + args.steps),
+                           generator=torch.Generator().manual_seed(0))
     module.forward((tokens[:, :args.prompt], torch.arange(args.prompt)))
     for pos in range(args.prompt, args.prompt + 4):
         module.forward((tokens[:, pos:pos + 1], torch.tensor([pos])))
