@@ -3,7 +3,10 @@
     python benchmarks/export_bench.py [--rows eager-fp32,aoti-fp32,...] [--runs 3]
 
 Artifacts come from the same hash-keyed cache as the slow end-to-end test ($TORCHAT_CACHE/exported/), so a row
-already built costs nothing but its measurement; export time is what the build took when it was made. Each
+already built costs nothing but its measurement; export time is what the build took when it was made. Each row is
+measured in its own process: once a .pte has run, ExecuTorch's thread pool stays in the process and an AOTI
+artifact run after it decodes 4-5x slower (int4 .pt2: 150 -> 30 tok/s; 1 torch thread, or
+`_unsafe_reset_threadpool(1)`, restores it), which is what the first version of this table measured. Each
 measurement records the other processes' share of the CPU from /proc/stat: on this 2-core box a neighbour
 taking a core halves the figures, so a row whose `others` share is high is not a clean number.
 Writes benchmarks/results/export.json and export.md.
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -122,10 +126,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "export")
     args = parser.parse_args()
+    rows = args.rows.split(",")
+    if len(rows) > 1:  # each row in a fresh process (see above); each one merges its result into the JSON
+        for row in rows:
+            subprocess.run([sys.executable, __file__, "--rows", row, "--runs", str(args.runs), "--output",
+                            str(args.output)], check=True)
+        return 0
     gguf = fetch_asset("smollm2-135m-gguf")
     results = json.loads(args.output.with_suffix(".json").read_text()) if args.output.with_suffix(
         ".json").is_file() else {}
-    for row in args.rows.split(","):
+    for row in rows:
         backend, scheme, dtype = parse_row(row)
         print(f"== {row}", file=sys.stderr, flush=True)
         if backend == "eager":
