@@ -4,11 +4,12 @@
 
 Artifacts come from the same hash-keyed cache as the slow end-to-end test ($TORCHAT_CACHE/exported/), so a row
 already built costs nothing but its measurement; export time is what the build took when it was made. Each row is
-measured in its own process: once a .pte has run, ExecuTorch's thread pool stays in the process and an AOTI
-artifact run after it decodes 4-5x slower (int4 .pt2: 150 -> 30 tok/s; 1 torch thread, or
-`_unsafe_reset_threadpool(1)`, restores it), which is what the first version of this table measured. Each
-measurement records the other processes' share of the CPU from /proc/stat: on this 2-core box a neighbour
-taking a core halves the figures, so a row whose `others` share is high is not a clean number.
+measured in its own process: once a .pte has run in a process, ExecuTorch's attention has started OpenMP teams from
+its own threads and an AOTI artifact run after it decodes 4-5x slower (int4 .pt2: 150 -> 30 tok/s), which is what
+the first version of this table measured. The .pte rows run with OMP_NUM_THREADS=1, as `torchat` runs a .pte
+(torchat/threads.py). Each measurement records the other processes' share of the CPU from /proc/stat: on this
+2-core box a neighbour taking a core halves the figures, so a row whose `others` share is high is not a clean
+number.
 Writes benchmarks/results/export.json and export.md.
 """
 
@@ -33,6 +34,7 @@ from torchat.exported import load_exported  # noqa: E402
 from torchat.generate import EagerModel  # noqa: E402
 from torchat.loader import TORCH_DTYPES  # noqa: E402
 from torchat.quant import parse_quant, quantize_model  # noqa: E402
+from torchat.threads import pte_child_environment  # noqa: E402
 
 MAX_SEQ_LEN = 128
 PROMPT_LEN, DECODE_STEPS = 64, 63
@@ -129,8 +131,9 @@ def main() -> int:
     rows = args.rows.split(",")
     if len(rows) > 1:  # each row in a fresh process (see above); each one merges its result into the JSON
         for row in rows:
+            env = pte_child_environment() if parse_row(row)[0] == "et" else None
             subprocess.run([sys.executable, __file__, "--rows", row, "--runs", str(args.runs), "--output",
-                            str(args.output)], check=True)
+                            str(args.output)], check=True, env=env)
         return 0
     gguf = fetch_asset("smollm2-135m-gguf")
     results = json.loads(args.output.with_suffix(".json").read_text()) if args.output.with_suffix(
@@ -144,7 +147,13 @@ def main() -> int:
             path, info = build(gguf, backend, scheme, dtype)
             model = load_exported(path)
             info["size_mib"] = path.stat().st_size / 2**20
-        results[row] = {**info, **measure(model, args.runs), "threads": torch.get_num_threads()}
+        if backend == "et":  # its work runs on ExecuTorch's pool
+            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+            threads = _threadpool_get_thread_count()
+        else:
+            threads = torch.get_num_threads()
+        results[row] = {**info, **measure(model, args.runs), "threads": threads}
         print(json.dumps(results[row]), file=sys.stderr, flush=True)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -259,7 +259,7 @@ def bench_text_model(model, prompt: list[int], config: BenchConfig, labels: dict
     decode = summarize([r.decode_tok_s for r in runs], 2)
     result = {
         "schema": SCHEMA, **labels,
-        "threads": torch.get_num_threads(),
+        "threads": labels.get("threads", torch.get_num_threads()),
         "config": asdict(config),
         "prompt_tokens": len(prompt), "new_tokens": config.new_tokens,
         "prefill_tok_s": summarize([r.prefill_tok_s for r in runs], 1),

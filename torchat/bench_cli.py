@@ -25,6 +25,7 @@ from pathlib import Path
 from torchat.bench import EIGHT_BIT_LINEARS
 from torchat.errors import TorchatError
 from torchat.loader import add_model_arguments
+from torchat.threads import pte_child_environment
 
 BACKEND_FILES = {"aoti": "model.pt2", "et": "model.pte"}
 MODES = ("eager", "compile")
@@ -139,6 +140,10 @@ def _load_torchat(job: dict):
         model, tokenizer = load_artifact(flags, path)
         meta = model.metadata
         labels = {"dtype": meta.dtype, "quant_specs": meta.quant, "max_seq_len": meta.max_seq_len}
+        if path.suffix == ".pte":  # its work runs on ExecuTorch's pool, not torch's threads
+            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+            labels["threads"] = _threadpool_get_thread_count()
         bytes_ = weight_bytes_per_token(meta.model_args, meta.quant, meta.dtype)
         return model, tokenizer, labels, bytes_, path_bytes(path)
     path = Path(job["checkpoint"])
@@ -189,12 +194,20 @@ def quant_label(specs: list[dict], dtype: str) -> str:
     return " + ".join(parts + [dtype]) if parts else dtype
 
 
+def _runs_pte(job: dict) -> bool:
+    return job.get("artifact", "").endswith(".pte")
+
+
 def run_job(job: dict) -> dict:
     import torch
 
     from torchat.bench import BenchConfig, bench_prompt, bench_text_model
 
-    if job.get("threads"):
+    if job.get("threads") and _runs_pte(job):  # ExecuTorch's own pool does the work; torch stays on one (threads.py)
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(job["threads"])
+    elif job.get("threads"):
         torch.set_num_threads(job["threads"])
     config = BenchConfig(**job["config"])
     start = time.perf_counter()
@@ -220,7 +233,8 @@ def run_job(job: dict) -> dict:
 def _run_child(job: dict, scratch: Path, index: int) -> dict:
     job_file, out_file = scratch / f"job{index}.json", scratch / f"result{index}.json"
     job_file.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "torchat.bench_cli", str(job_file), str(out_file)],
+    env = pte_child_environment() if _runs_pte(job) else None
+    proc = subprocess.run([sys.executable, "-m", "torchat.bench_cli", str(job_file), str(out_file)], env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not out_file.is_file():
         tail = [line for line in proc.stdout.strip().splitlines() if line.strip()][-1:] or ["no output"]

@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from torchat.errors import TorchatError
+from torchat.threads import prepare_for_pte, runs_pte
 
 # verb -> module that defines add_arguments(parser) and run(args) -> int
 VERBS = {
@@ -26,6 +27,10 @@ VERBS = {
     "where": "torchat.manage",
     "remove": "torchat.manage",
 }
+
+# verbs that run a model in their own process: a .pte there needs OpenMP set up before torch loads (threads.py);
+# bench runs each measurement in a child and sets it up there
+IN_PROCESS_VERBS = ("generate", "chat", "eval")
 
 # the seed's flag form: `torchat --generate ...` == `torchat generate ...`
 FLAG_FORMS = {f"--{verb}": verb for verb in ("generate", "chat", "eval", "export")}
@@ -58,6 +63,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = _verb_argv(list(sys.argv[1:] if argv is None else argv))
     verb = argv[0] if argv and argv[0] in VERBS else None
+    if verb in IN_PROCESS_VERBS and runs_pte(argv):
+        prepare_for_pte()
     args = build_parser(verb).parse_args(argv)
     try:
         return importlib.import_module(VERBS[args.verb]).run(args)

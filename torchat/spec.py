@@ -89,7 +89,8 @@ STEPS: dict[Step, StepInfo] = {
     Step.EVAL: StepInfo("eval", "the evaluation issue", (*_RUN, "torchat/evaluation"),
                         ("torch", "torchao", "executorch", "lm-eval", "datasets")),
     Step.BENCH: StepInfo("bench", "the benchmark issue (torchat/bench_cli.py)",
-                         (*_RUN, "torchat/bench.py", "torchat/peers.py", "torchat/assets.py", "torchat/sources.py"),
+                         (*_RUN, "torchat/bench.py", "torchat/peers.py", "torchat/assets.py", "torchat/sources.py",
+                          "torchat/threads.py"),
                          ("torch", "torchao", "executorch")),
 }
 
