@@ -34,7 +34,7 @@ from torchat.exported import load_exported  # noqa: E402
 from torchat.generate import EagerModel  # noqa: E402
 from torchat.loader import TORCH_DTYPES  # noqa: E402
 from torchat.quant import parse_quant, quantize_model  # noqa: E402
-from torchat.threads import pte_child_environment  # noqa: E402
+from torchat.threads import pte_child_environment, pte_pool_size  # noqa: E402
 
 MAX_SEQ_LEN = 128
 PROMPT_LEN, DECODE_STEPS = 64, 63
@@ -147,12 +147,7 @@ def main() -> int:
             path, info = build(gguf, backend, scheme, dtype)
             model = load_exported(path)
             info["size_mib"] = path.stat().st_size / 2**20
-        if backend == "et":  # its work runs on ExecuTorch's pool
-            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
-
-            threads = _threadpool_get_thread_count()
-        else:
-            threads = torch.get_num_threads()
+        threads = pte_pool_size() if backend == "et" else torch.get_num_threads()  # a .pte runs on ExecuTorch's pool
         results[row] = {**info, **measure(model, args.runs), "threads": threads}
         print(json.dumps(results[row]), file=sys.stderr, flush=True)
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -27,18 +27,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()
 
-    from torchat.threads import prepare_for_pte
+    from torchat.threads import prepare_for_pte, set_pte_pool_size
 
     prepare_for_pte()  # before torch loads libgomp (see torchat/threads.py)
     import torch
     from executorch.devtools import Inspector
-    from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels)
     from torchat.bench import CpuShare
     from torchat.exported import load_llm_ops, read_metadata
 
-    _unsafe_reset_threadpool(args.threads)
+    set_pte_pool_size(args.threads)
     load_llm_ops()
     metadata = read_metadata(args.pte)
     module = _load_for_executorch(str(args.pte), enable_etdump=True)

@@ -125,3 +125,17 @@ def test_ratios_pair_each_precision_with_its_peer():
     assert table[0].startswith("| Hardware | OS | eager | eager + compile | AOT compile | ET Runtime |")
     assert "| - | - | 90.0 (int4) | - |" in table[2]
     assert "Ratios against the peer" in render_markdown(results)
+
+
+def test_a_pte_is_measured_on_executorchs_pool(tiny_checkpoint_dir, tmp_path):
+    """A .pte's child runs with OpenMP on one thread and --threads sizing ExecuTorch's pool (torchat/threads.py),
+    whose size the result reports."""
+    pte = tmp_path / "tiny.pte"
+    assert main(["export", "--checkpoint-dir", str(tiny_checkpoint_dir), "--max-seq-length", "32",
+                 "--output-pte-path", str(pte)]) == 0
+    out = tmp_path / "out"
+    assert main(["bench", "--pte-path", str(pte), "--tokenizer-path", str(tiny_checkpoint_dir / "tokenizer.model"),
+                 "--threads", "1", *FAST, "--output-dir", str(out)]) == 0
+    [result] = json.loads((out / "bench.json").read_text())["results"]
+    check_result(result)
+    assert result["mode"] == "et" and result["threads"] == 1

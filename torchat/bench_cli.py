@@ -25,7 +25,7 @@ from pathlib import Path
 from torchat.bench import EIGHT_BIT_LINEARS
 from torchat.errors import TorchatError
 from torchat.loader import add_model_arguments
-from torchat.threads import pte_child_environment
+from torchat.threads import pte_child_environment, pte_pool_size, set_pte_pool_size
 
 BACKEND_FILES = {"aoti": "model.pt2", "et": "model.pte"}
 MODES = ("eager", "compile")
@@ -141,9 +141,7 @@ def _load_torchat(job: dict):
         meta = model.metadata
         labels = {"dtype": meta.dtype, "quant_specs": meta.quant, "max_seq_len": meta.max_seq_len}
         if path.suffix == ".pte":  # its work runs on ExecuTorch's pool, not torch's threads
-            from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
-
-            labels["threads"] = _threadpool_get_thread_count()
+            labels["threads"] = pte_pool_size()
         bytes_ = weight_bytes_per_token(meta.model_args, meta.quant, meta.dtype)
         return model, tokenizer, labels, bytes_, path_bytes(path)
     path = Path(job["checkpoint"])
@@ -204,9 +202,7 @@ def run_job(job: dict) -> dict:
     from torchat.bench import BenchConfig, bench_prompt, bench_text_model
 
     if job.get("threads") and _runs_pte(job):  # ExecuTorch's own pool does the work; torch stays on one (threads.py)
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        _unsafe_reset_threadpool(job["threads"])
+        set_pte_pool_size(job["threads"])
     elif job.get("threads"):
         torch.set_num_threads(job["threads"])
     config = BenchConfig(**job["config"])

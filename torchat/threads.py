@@ -40,3 +40,16 @@ def prepare_for_pte() -> bool:
 def pte_child_environment() -> dict:
     """The environment for a child process that runs a .pte."""
     return {**os.environ, **{k: os.environ.get(k, v) for k, v in PTE_ENVIRONMENT.items()}}
+
+
+def pte_pool_size() -> int:
+    """The threads of ExecuTorch's own pool, which run a .pte's work (XNNPACK and the attention)."""
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+    return _threadpool_get_thread_count()
+
+
+def set_pte_pool_size(threads: int) -> None:
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(threads)
