@@ -181,8 +181,13 @@ def _artifact_device(path: Path, metadata: ArtifactMetadata) -> torch.device:
 
 
 def load_llm_ops() -> None:
-    """Register ExecuTorch's llama:: ops: their export (meta) forms and, for the pybindings runtime, kernels."""
+    """Register the attention's ops: ExecuTorch's llama:: ops (their export forms and, for the pybindings runtime,
+    kernels) and torchat's kernels (torchat::sdpa)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+    from torchat.kernels import load_et_kernels
+
+    load_et_kernels()
 
 
 def _load_pte_module(path: Path):
@@ -192,7 +197,7 @@ def _load_pte_module(path: Path):
     # without them loading fails with error 0x14
     import executorch.kernels.quantized  # noqa: F401
 
-    load_llm_ops()  # the attention's llama::update_cache / custom_sdpa kernels
+    load_llm_ops()  # the attention's llama::update_cache and torchat::sdpa kernels
 
     try:
         return _load_for_executorch(str(path))

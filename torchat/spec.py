@@ -71,7 +71,7 @@ class StepInfo:
 # What each step runs besides its verb's module, as packages and files; tests/test_layering.py checks that these
 # cover every torchat module the verb imports (at any depth), so the lists cannot drift from the code.
 _LOAD = ("torchat/model.py", "torchat/configs.py", "torchat/checkpoint", "torchat/loader.py", "torchat/tokenizers",
-         "torchat/exported.py", "torchat/generate.py")
+         "torchat/exported.py", "torchat/kernels", "torchat/generate.py")
 _RUN = (*_LOAD, "torchat/quant")
 STEPS: dict[Step, StepInfo] = {
     # a pinned sha256 fully determines a download's output: no toolchain; its code (the verb) only decides how
@@ -108,7 +108,8 @@ class BackendInfo:
 BACKENDS: dict[Backend, BackendInfo] = {
     Backend.EAGER: BackendInfo(None, None, (), ()),
     Backend.AOTI: BackendInfo("model.pt2", "--output-aoti-package-path", ("runner", "runner-aoti"), ()),
-    Backend.ET: BackendInfo("model.pte", "--output-pte-path", ("runner", "runner-et"), ("executorch",)),
+    Backend.ET: BackendInfo("model.pte", "--output-pte-path", ("runner", "runner-et", "torchat/kernels/et_sdpa.cpp"),
+                            ("executorch",)),
 }
 RUNNER_BACKENDS = [b for b, info in BACKENDS.items() if info.output]
 PER_MODEL_STEPS = (Step.DOWNLOAD, Step.CONVERT, Step.TOKENIZER)

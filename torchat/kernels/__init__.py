@@ -1,0 +1,95 @@
+"""torchat's own ExecuTorch kernels (C++ sources here), for the Python runtime and for runner-et.
+
+The executorch wheel ships its runtime as shared libraries (libexecutorch.so, which the pybindings load) and
+its headers, but nothing to build a kernel against them from Python; so the first load compiles the sources
+here with the machine's C++ compiler into one shared library, keyed by the sources, the flags, the compiler,
+executorch's version and the CPU (it is built -march=native), and cached under the torchat cache. Loading it
+registers its kernels in the runtime's registry, where the pybindings find them. runner-et compiles the same
+sources into its binary (runner-et/CMakeLists.txt).
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from torchat.errors import TorchatError
+from torchat.sources import cache_dir
+
+SOURCES = [Path(__file__).with_name("et_sdpa.cpp")]
+# -ffast-math: glibc's vectorized expf (libmvec) for the softmax; the sources avoid infinities
+FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-march=native", "-shared", "-fPIC",
+         "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL"]
+
+
+def _executorch_root() -> Path:
+    import executorch
+
+    return Path(next(iter(executorch.__path__)))
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise TorchatError(f"{SOURCES[0]}: no C++ compiler to build torchat's ExecuTorch kernels; install g++ "
+                           f"(or set CXX)")
+    return compiler
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _build_key(compiler: str) -> str:
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    version_line = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    for part in (*FLAGS, version_line, version("executorch"), platform.machine(), _cpu_flags()):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def et_kernels_library() -> Path:
+    """The compiled library, built here (into a temporary file, then renamed into place) when missing."""
+    compiler = _compiler()
+    output = cache_dir() / "kernels" / f"torchat_et_kernels-{_build_key(compiler)}.so"
+    if output.is_file():
+        return output
+    root = _executorch_root()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+        built = Path(scratch) / output.name
+        command = [compiler, *FLAGS, f"-I{root / 'include'}",
+                   f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}", *map(str, SOURCES),
+                   "-o", str(built), f"-L{root / 'lib'}", "-lexecutorch", "-lexecutorch_threadpool",
+                   f"-Wl,-rpath,{root / 'lib'}"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            first_error = next((line for line in result.stderr.splitlines() if "error" in line),
+                               result.stderr.strip()[:200])
+            raise TorchatError(f"{SOURCES[0]}: compiling torchat's ExecuTorch kernels failed ({first_error}); "
+                               f"check the C++ compiler ({compiler}) and the executorch install")
+        os.replace(built, output)
+    return output
+
+
+@cache
+def load_et_kernels() -> Path:
+    """Register torchat's kernels (torchat::sdpa.out) in the ExecuTorch runtime the pybindings use; once."""
+    # the pybindings first, so that the library binds to the runtime (and kernel registry) already loaded
+    import executorch.extension.pybindings.portable_lib  # noqa: F401
+
+    path = et_kernels_library()
+    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    return path
