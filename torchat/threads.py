@@ -10,7 +10,9 @@ fifth of its speed. Only the environment sets libgomp's default for threads it d
 runs a `.pte` sets OMP_NUM_THREADS=1 before torch loads libgomp: MKL then stays on the calling thread, ExecuTorch's
 pool keeps its own size (the XNNPACK GEMMs and the attention are split over it), and torch itself only does glue
 there (sampling, copies). SmolLM2 8da4w `.pte`, Zen 4, 2 cores: prefill 760-800 -> 1150-1500 tok/s, decode
-unchanged within the machine's noise (210-260 tok/s either way).
+unchanged within the machine's noise (210-260 tok/s either way). Artifacts exported now attend with torchat's own
+kernel (torchat/kernels), which calls no MKL; the setting stays for older artifacts and because torch's OpenMP
+threads, spinning after the generation loop's own torch work, would still share the cores with ExecuTorch's pool.
 """
 
 import os
