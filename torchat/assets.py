@@ -11,6 +11,10 @@ from torchat.sources import fetch_source
 
 _SP_SDIST = "pypi-sdist:sentencepiece==0.2.3#sentencepiece-0.2.3/test/"
 _SP_SDIST_SHA = "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd"
+# llama.cpp's vocabulary test files (a GGUF holding only a tokenizer, inputs, and llama.cpp's own tokenizations of
+# them), vendored in llama-cpp-python's source archive; downloaded, never built.
+_LLAMA_CPP_SDIST = "pypi-sdist:llama-cpp-python==0.3.36#llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+_LLAMA_CPP_SDIST_SHA = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,13 @@ ASSETS = {
                             "c8636a43e913dad9d5eb5d2eee2077706a55589fd2d6caf1e7ee4a7d03e4360a", _SP_SDIST_SHA),
     "botchan-sp-unigram": Asset(_SP_SDIST + "botchan_en_unigram_1000.model",
                                 "f8c7e5e0fa9e948783d20ea9dccf0e2611f567bc1a4e468a658becd5015f458e", _SP_SDIST_SHA),
+    # Phi-3's "llama" (sentencepiece) vocabulary: `<unk>` typed CONTROL, 53 `[PAD…]` tokens typed UNKNOWN.
+    "phi3-vocab-gguf": Asset(_LLAMA_CPP_SDIST + "ggml-vocab-phi-3.gguf",
+                             "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326", _LLAMA_CPP_SDIST_SHA),
+    "phi3-vocab-inp": Asset(_LLAMA_CPP_SDIST + "ggml-vocab-phi-3.gguf.inp",
+                            "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0", _LLAMA_CPP_SDIST_SHA),
+    "phi3-vocab-out": Asset(_LLAMA_CPP_SDIST + "ggml-vocab-phi-3.gguf.out",
+                            "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29", _LLAMA_CPP_SDIST_SHA),
 }
 
 

@@ -192,8 +192,10 @@ def build_sentencepiece_proto(tokens: list[str], scores: list[float], types: lis
 
     The model type is BPE whatever the vocabulary was trained as: llama.cpp's "llama" tokenizer merges the
     adjacent pair with the best score, which is sentencepiece's BPE encoder. The normalizer is the identity
-    (llama.cpp normalizes nothing), with the `▁` prefix as the file says.
+    (llama.cpp normalizes nothing), with the `▁` prefix as the file says. Token types are first made what
+    sentencepiece accepts (see `sentencepiece_types`).
     """
+    types = sentencepiece_types(types, unk_id)
     pieces = b"".join(
         _bytes_field(1, _bytes_field(1, token.encode("utf-8")) + _float_field(2, float(score)) +
                      _int_field(3, int(kind)))
@@ -213,6 +215,20 @@ def build_sentencepiece_proto(tokens: list[str], scores: list[float], types: lis
                   + _int_field(4, 0)  # remove_extra_whitespaces
                   + _int_field(5, 1))  # escape_whitespaces
     return pieces + _bytes_field(2, trainer) + _bytes_field(3, normalizer)
+
+
+def sentencepiece_types(types: list[int], unk_id: int | None) -> list[int]:
+    """The GGUF's token types with exactly one UNKNOWN piece, as sentencepiece requires.
+
+    Some files type several tokens UNKNOWN and the unk token itself CONTROL (llama.cpp's Phi-3 vocabulary:
+    `<unk>` is CONTROL, its 53 `[PAD32011]`... tokens UNKNOWN), which sentencepiece refuses ("unk is already
+    defined"). llama.cpp treats the two types alike: neither is matched in plain text nor decoded (llama-vocab's
+    token_to_piece and tokenizer_st_partition), so the unk id becomes the one UNKNOWN piece and every other
+    UNKNOWN piece CONTROL. Without an unk id in the file, the first UNKNOWN piece stays the unk.
+    """
+    if unk_id is None or not 0 <= unk_id < len(types):
+        unk_id = next((i for i, kind in enumerate(types) if kind == UNKNOWN), None)
+    return [UNKNOWN if i == unk_id else CONTROL if kind == UNKNOWN else kind for i, kind in enumerate(types)]
 
 
 # `tokenizer.ggml.model` -> the loader for that vocabulary kind.
