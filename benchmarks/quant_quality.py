@@ -19,16 +19,12 @@ import math
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quant_speed import CpuShare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from torchat.assets import fetch_asset
+    from torchat.bench import CpuShare
     from torchat.checkpoint import read_checkpoint
     from torchat.checkpoint.canonical import write_canonical
     from torchat.quant import bake_quantized, load_quantized, parse_quant, read_report
