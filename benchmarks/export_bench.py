@@ -32,7 +32,7 @@ from torchat.assets import fetch_asset  # noqa: E402
 from torchat.checkpoint import build_model, read_checkpoint  # noqa: E402
 from torchat.exported import load_exported  # noqa: E402
 from torchat.generate import EagerModel  # noqa: E402
-from torchat.loader import TORCH_DTYPES  # noqa: E402
+from torchat.dtypes import TORCH_DTYPES  # noqa: E402
 from torchat.quant import parse_quant, quantize_model  # noqa: E402
 from torchat.threads import pte_child_environment, pte_pool_size  # noqa: E402
 

@@ -4,7 +4,7 @@
     python benchmarks/run_all.py [--rows int4-aoti,8da4w-et,...] [--runs 5] [--threads 2] [--wait-quiet 900]
 
 The artifacts come from the build graph (the store builds what is missing: quantize, export), each
-measurement runs in its own process (torchat.bench_cli.run_jobs), and the CPU share of other processes is
+measurement runs in its own process (torchat.bench_jobs.run_jobs), and the CPU share of other processes is
 recorded per run. Contended results are kept but marked, and the tables say so: rerun on a quiet machine.
 Writes benchmarks/results/bench.{json,md,png}. A benchmark, not a test: nothing here asserts a speed.
 """
@@ -62,21 +62,21 @@ def artifact_path(target_name: str, max_seq_len: int | None) -> tuple[Path, str]
     """(the target's model: a quantized checkpoint directory or an artifact file, its backend), built if missing:
     through the store, or for a given max_seq_len exported here from the store's quantized checkpoint."""
     from torchat import spec, store
-    from torchat.bench_cli import BACKEND_FILES
     from torchat.cli import main as torchat_main
     from torchat.sources import cache_dir
+    from torchat.vocabulary import BACKENDS
 
     catalog = spec.load_catalog()
     target = catalog.parse_target(f"{MODEL}-{target_name}")
     backend = str(target.backend)
     if max_seq_len is None:
         directory, _ = store.realize_with_inputs(catalog.model_node(target))
-        return (directory if backend == "eager" else directory / BACKEND_FILES[backend]), backend
+        return (directory if backend == "eager" else directory / BACKENDS[target.backend].output), backend
     quantized, _ = store.realize_with_inputs(catalog.quantize_node(target.model, target.quant, target.dtype))
-    output = cache_dir() / "bench" / f"{quantized.name}-ctx{max_seq_len}" / BACKEND_FILES[backend]
+    output = cache_dir() / "bench" / f"{quantized.name}-ctx{max_seq_len}" / BACKENDS[target.backend].output
     if not output.is_file():
         output.parent.mkdir(parents=True, exist_ok=True)
-        rc = torchat_main(["export", "--checkpoint-dir", str(quantized), "--dtype", str(target.dtype),
+        rc = torchat_main(["export", str(quantized), "--dtype", str(target.dtype),
                            "--max-seq-length", str(max_seq_len), "--output-path", str(output)])
         if rc != 0:
             raise SystemExit(f"run_all: exporting {target_name} with a KV cache of {max_seq_len} failed")
@@ -84,7 +84,8 @@ def artifact_path(target_name: str, max_seq_len: int | None) -> tuple[Path, str]
 
 
 def plan(rows: list[str], peers: list[str], config: dict, threads: int | None) -> list[dict]:
-    from torchat.bench_cli import default_flags
+    from torchat.bench_jobs import torchat_job
+    from torchat.model_source import ModelSource
 
     ggufs = peer_ggufs() if peers else {}
     jobs = [{"kind": "peer", "peer": PEERS[p][0], "gguf": str(ggufs[PEERS[p][1]]), "config": config,
@@ -94,13 +95,7 @@ def plan(rows: list[str], peers: list[str], config: dict, threads: int | None) -
         start = time.perf_counter()
         path, backend = artifact_path(target, max_seq_len)
         print(f"run_all: {row}: {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-        job = {"kind": "torchat", "mode": mode, "config": config, "threads": threads, "flags": default_flags(),
-               "row": row}
-        if backend == "eager":
-            job |= {"checkpoint": str(path), "quant": None, "compile_prefill": False}
-        else:
-            job |= {"artifact": str(path)}
-        jobs.append(job)
+        jobs.append(torchat_job(ModelSource(checkpoint=path), mode, config, threads) | {"row": row})
     return jobs
 
 
@@ -120,7 +115,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from torchat.bench import measure_bandwidth, seed_table
-    from torchat.bench_cli import run_jobs, write_report
+    from torchat.bench_jobs import run_jobs, write_report
 
     config = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
               "warmup_runs": args.warmup_runs, "max_others_cpu": 0.10}

@@ -1,11 +1,10 @@
-"""`torchat chat`: a multi-turn conversation that keeps its KV cache between turns.
+"""A multi-turn conversation that keeps its KV cache between turns.
 
 Each turn renders the whole conversation with the model's chat format, finds how much of it the cache already
 holds (the longest common prefix with the tokens fed so far) and prefills only the rest. When the context
 would overflow, the oldest turns are dropped (with a notice) and the conversation is prefilled again.
 """
 
-import argparse
 import sys
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ import torch
 
 from torchat.errors import TorchatError
 from torchat.generate import GenerationStats, Sampling, TextModel, generate
-from torchat.templates import Message, pick_template, render
+from torchat.templates import Message, render
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -75,58 +74,3 @@ class ChatSession:
             self.fed = ids + produced[:-1] if produced else ids[:start]
             answer = self.tokenizer.decode([t for t in produced if t not in self.tokenizer.stop_ids])
             self.messages = [*messages, {"role": "assistant", "content": answer}]
-
-
-def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    from torchat.loader import add_model_arguments
-
-    add_model_arguments(parser)
-    parser.add_argument("--system", help="the system prompt")
-    parser.add_argument("--chat-template", help="jinja (the tokenizer's own), llama3 or llama2; chosen from the "
-                                                "tokenizer when omitted")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
-    parser.add_argument("--max-seq-length", type=int, default=None,
-                        help="the context (KV cache) length (default: 2048 eager, an artifact's own)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parser.add_argument("--compile-prefill", action="store_true")
-    parser.add_argument("--stats", action="store_true", help="a stats line on stderr after each answer")
-
-
-def run(args: argparse.Namespace) -> int:
-    from torchat.loader import load_text_model
-    from torchat.tokenizers import StreamDecoder
-
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    text_model, tokenizer = load_text_model(args, args.max_seq_length or 2048)
-    template = pick_template(tokenizer, args.chat_template)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    session = ChatSession(text_model, tokenizer, template, sampling, args.max_new_tokens, args.system, generator)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"torchat chat ({template} format, {text_model.max_seq_len}-token context). Ctrl-C stops an answer, "
-              "Ctrl-D ends.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            return 0
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            return 130
-        if not line.strip():
-            continue
-        decoder = StreamDecoder(tokenizer)
-        try:
-            for token in session.reply(line):
-                sys.stdout.write(decoder.add(token))
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write(decoder.flush() + "\n")
-        sys.stdout.flush()
-        if args.stats:
-            print(session.stats.summary(text_model.device), file=sys.stderr)

@@ -36,8 +36,16 @@ class EagerModel:
         self.max_seq_len = max_seq_len
         self.device = next(model.parameters()).device
         model.setup_caches(1, max_seq_len)
+        self.compiled = compile
         self._decode = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
         self._prefill = torch.compile(model, fullgraph=True, dynamic=True) if compile_prefill else model
+
+    def fit(self, positions: int) -> None:
+        """Shrink the cache to `positions` before the first call: a compiled decode attends over the whole
+        static cache, so a short generation should not carry a long one."""
+        if positions < self.max_seq_len:
+            self.max_seq_len = positions
+            self.model.setup_caches(1, positions)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -150,3 +158,27 @@ def generate(model: TextModel, prompt: list[int], max_new_tokens: int, sampling:
             return
         token = sample(decode_one_token(model, token, pos), sampling, generator)
         pos += 1
+
+
+def generate_text(opened, prompt_text: str, max_new_tokens: int, sampling: Sampling,
+                  generator: torch.Generator | None = None, *, bos: bool | None = None,
+                  write=lambda text: None, fit_cache: bool = False) -> GenerationStats:
+    """Complete `prompt_text` with an opened model (torchat.model_source.OpenedModel), passing the prompt and
+    then each new piece of text to `write` as it is decoded; the stop token is not written. With `fit_cache`, a
+    compiled eager model's cache is cut to what this generation needs."""
+    from torchat.tokenizers import StreamDecoder
+
+    model, tokenizer = opened.text_model, opened.tokenizer
+    prompt = tokenizer.encode(prompt_text, bos=tokenizer.add_bos if bos is None else bos)
+    if fit_cache and getattr(model, "compiled", False):
+        model.fit(min(len(prompt) + max_new_tokens, model.max_seq_len))
+    stats = GenerationStats()
+    decoder = StreamDecoder(tokenizer)
+    write(prompt_text)
+    for token in generate(model, prompt, max_new_tokens, sampling, tokenizer.stop_ids, stats=stats,
+                          generator=generator):
+        if token in tokenizer.stop_ids:
+            break
+        write(decoder.add(token))
+    write(decoder.flush() + "\n")
+    return stats

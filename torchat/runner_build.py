@@ -1,4 +1,4 @@
-"""`torchat runner`: build a C++ runner with CMake and publish its binaries atomically.
+"""Building the C++ runners with CMake (`torchat runner`), their binaries published atomically.
 
     torchat runner --backend aoti --output-dir DIR       DIR/run and DIR/tokenize (what `doit runner:aoti` runs)
     build_runner("et", output_dir)                       the same, from Python (the tests cache it by the step's key)
@@ -10,7 +10,6 @@ under the runner step's key: the sources, torch/executorch versions, the C++ com
 Standard library only: building a runner needs no torch import.
 """
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -18,7 +17,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 from torchat.errors import TorchatError, unknown_key_error
@@ -33,18 +31,6 @@ PROJECTS = {
 }
 BINARIES = {"aoti": ("run", "tokenize"), "et": ("run", "tokenize"), "tokenize": ("tokenize",)}
 JOBS = int(os.environ.get("TORCHAT_BUILD_JOBS", "2"))
-
-
-def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--backend", required=True, choices=sorted(PROJECTS))
-    parser.add_argument("--output-dir", type=Path, required=True, help="where run (and tokenize) are written")
-
-
-def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    built = build_runner(args.backend, args.output_dir)
-    print(f"built {', '.join(str(p) for p in built)} in {time.perf_counter() - start:.0f} s")
-    return 0
 
 
 def _cache_dir() -> Path:

@@ -85,3 +85,17 @@ def render_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(TABLE_HEADER[i] for i in keep) + " |", "|" + "---|" * len(keep)]
     lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def store_table_rows() -> list[list[str]]:
+    """The newest eval artifact of each name in the store, as table rows."""
+    from torchat import store
+
+    newest = {}
+    for directory, manifest in store.artifacts("eval"):
+        if (directory / RESULT_FILE).is_file() and manifest.get("created", "") >= newest.get(
+                manifest["name"], ("", None))[0]:
+            newest[manifest["name"]] = (manifest.get("created", ""), directory)
+    if not newest:
+        raise TorchatError(f"no eval results in {store.artifacts_dir()}; run `doit eval:TARGET` first")
+    return [row for name in sorted(newest) for row in table_rows(read_result(newest[name][1]))]
