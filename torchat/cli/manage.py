@@ -1,4 +1,4 @@
-"""Model management verbs: `torchat download|list|where|remove`.
+"""`torchat download|list|where|remove`, the model management verbs: `torchat download|list|where|remove`.
 
 `download MODEL` publishes the model's files into the artifact store exactly as `doit download:MODEL` does
 (same key, same directory); with --output-dir it only fetches them there, which is what that step runs.
@@ -14,9 +14,7 @@ from pathlib import Path
 
 from torchat import sources, spec, store
 from torchat.errors import TorchatError
-
-ALLOW_UNPINNED_ENV = "TORCHAT_ALLOW_UNPINNED"
-
+from torchat.sources import ALLOW_UNPINNED_ENV, check_pinned, fetch_model_files
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "download":
@@ -34,22 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     elif verb == "remove":
         parser.add_argument("name", metavar="MODEL|TARGET",
                             help="a model (all its artifacts and cached files) or a target (its own artifacts)")
-
-
-def check_pinned(model: spec.ModelSpec, allow_unpinned: bool) -> None:
-    unpinned = [f.source for f in model.all_files if f.sha256 is None]
-    if unpinned and not allow_unpinned:
-        raise TorchatError(f"model {model.key} has files with no pinned sha256 ({', '.join(unpinned)}); pin them "
-                           f"in targets/models.toml, or pass --allow-unpinned ({ALLOW_UNPINNED_ENV}=1 under doit) "
-                           "to trust whatever the source serves")
-
-
-def fetch_model_files(model: spec.ModelSpec, output_dir: Path, allow_unpinned: bool) -> list[Path]:
-    """Every file of the model, verified, linked from the cache into output_dir under its source's name."""
-    check_pinned(model, allow_unpinned)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return [sources.fetch_source(f.fetchable_source, f.sha256, output_dir, archive_sha256=f.archive_sha256,
-                                 allow_unpinned=allow_unpinned) for f in model.all_files]
 
 
 def _download(args, catalog: spec.Catalog) -> int:
