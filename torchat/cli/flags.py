@@ -15,44 +15,23 @@ from torchat.vocabulary import Device, Dtype, dtype_name
 # --- value types: a bad value is one line naming the flag's rule ---------------------------------------------
 
 
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
-    return number
+def _number(parse, accept, rule: str):
+    """An argparse type: `parse` the text, keep it when `accept`s it, else a one-line error naming `rule`."""
+    def convert(value: str):
+        try:
+            number = parse(value)
+        except ValueError:
+            number = None
+        if number is None or not accept(number):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {rule}")
+        return number
+    return convert
 
 
-def non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer >= 0")
-    return number
-
-
-def non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not number >= 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number >= 0")
-    return number
-
-
-def probability(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0 < number <= 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number in (0, 1]")
-    return number
+positive_int = _number(int, lambda n: n >= 1, "a positive integer")
+non_negative_int = _number(int, lambda n: n >= 0, "an integer >= 0")
+non_negative_float = _number(float, lambda n: 0 <= n < float("inf"), "a finite number >= 0")
+probability = _number(float, lambda n: 0 < n <= 1, "a number in (0, 1]")
 
 
 def dtype(value: str) -> Dtype:
