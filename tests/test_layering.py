@@ -1,9 +1,11 @@
 """The import directions of STYLE.md, read from the source (AST) of whatever modules exist.
 
 - The library (torchat/) never imports dodo, doit or targets.
+- The core never imports the CLI: nothing outside torchat/cli imports torchat.cli (torchat/__main__.py, the entry
+  point, may), and only torchat/cli imports argparse, so no namespace travels below the verbs.
 - model.py imports torch and the standard library only.
-- spec.py and store.py, and every torchat module they import at import time, use the standard library only;
-  dodo.py imports torchat.spec and torchat.store (and the standard library, and doit).
+- the spec package and store.py, and every torchat module they import at import time, use the standard library
+  only; dodo.py imports torchat.spec and torchat.store (and the standard library, and doit).
 - lowering -> quant -> model, never back: quant never imports lowering, model neither.
 - generate (and everything it imports, at any depth) never imports lowering.
 """
@@ -80,14 +82,61 @@ def test_model_imports_torch_only():
     assert {top(m) for m in imports(MODULES["torchat.model"])} <= STDLIB | {"torch"}
 
 
+def in_cli(name: str) -> bool:
+    return name == "torchat.cli" or name.startswith("torchat.cli.")
+
+
+def cli_imports_outside_the_cli() -> dict[str, set[str]]:
+    """Core module -> the CLI modules it imports (at any depth of its code, lazily too)."""
+    found = {}
+    for name, path in MODULES.items():
+        if not in_cli(name) and name != "torchat.__main__":
+            if cli := {m for m in imports(path) if in_cli(m)}:
+                found[name] = cli
+    return found
+
+
+def argparse_outside_the_cli() -> set[str]:
+    return {name for name, path in MODULES.items() if not in_cli(name) and "argparse" in imports(path)}
+
+
+def test_the_core_never_imports_the_cli():
+    assert cli_imports_outside_the_cli() == {}, "move what the core needs out of torchat/cli"
+
+
+def test_only_the_cli_imports_argparse():
+    assert argparse_outside_the_cli() == set(), "library functions take values, not argparse namespaces"
+
+
+def test_the_cli_checks_catch_a_core_module_that_imports_the_cli(tmp_path, monkeypatch):
+    files = {"__init__.py": "", "__main__.py": "from torchat.cli import main\n",
+             "cli/__init__.py": "import argparse\n", "cli/flags.py": "import argparse\nfrom torchat import loader\n",
+             "loader.py": "def f():\n    from .cli import flags\n",
+             "quant/__init__.py": "", "quant/spec.py": "from torchat import cli\nimport argparse\n",
+             "model.py": "import torch\n"}
+    for name, text in files.items():
+        (tmp_path / "torchat" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "torchat" / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    fake = {module_of(p): p for p in (tmp_path / "torchat").rglob("*.py")}
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", fake)
+    assert cli_imports_outside_the_cli() == {"torchat.loader": {"torchat.cli", "torchat.cli.flags"},
+                                             "torchat.quant.spec": {"torchat.cli"}}
+    assert argparse_outside_the_cli() == {"torchat.quant.spec"}
+
+
+SPEC = sorted(m for m in MODULES if m == "torchat.spec" or m.startswith("torchat.spec."))
+
+
 def test_spec_and_store_need_the_standard_library_only():
     reached = closure(["torchat.spec", "torchat.store"], at_import_time=True)
-    assert {"torchat.spec", "torchat.store", "torchat.errors"} <= reached
+    assert {*SPEC, "torchat.store", "torchat.errors"} <= reached
     for name in reached:
         outside = {m for m in imports(MODULES[name], at_import_time=True) if top(m) not in STDLIB | {"torchat"}}
         assert not outside, f"{name} imports {outside} at import time; `doit list` must stay free of them"
-    for name in ("torchat.spec", "torchat.store"):  # not even lazily
-        assert {top(m) for m in imports(MODULES[name])} <= STDLIB | {"torchat"}
+    for name in [*SPEC, "torchat.store"]:  # not even lazily
+        assert {top(m) for m in imports(MODULES[name])} <= STDLIB | {"torchat"}, name
+    assert not {m for m in reached if in_cli(m)}, "the graph names a verb's module by path, never imports it"
 
 
 def test_dodo_imports_spec_and_store_only():
@@ -120,9 +169,10 @@ def test_the_scanner_sees_relative_and_nested_imports(tmp_path, monkeypatch):
     assert "doit" not in imports(package / "int4.py", at_import_time=True)
 
 
-# the CLI, the graph and the fetching plumbing: every verb reaches them, none of them shapes a step's output
-# torchat.threads: the CLI's process set-up for a .pte (OpenMP's thread count), which changes speed, not results
-PLUMBING = {"torchat", "torchat.cli", "torchat.errors", "torchat.spec", "torchat.store", "torchat.manage",
+# the CLI's dispatch, the graph, the publishing and the fetching plumbing: every verb reaches them, none of them
+# shapes a step's output. torchat.threads: the CLI's process set-up for a .pte (OpenMP's thread count), which
+# changes speed, not results
+PLUMBING = {"torchat", "torchat.cli", "torchat.errors", *SPEC, "torchat.store", "torchat.publish", "torchat.pins",
             "torchat.sources", "torchat.assets", "torchat.threads"}
 
 
@@ -130,10 +180,12 @@ PLUMBING = {"torchat", "torchat.cli", "torchat.errors", "torchat.spec", "torchat
 def test_each_steps_declared_code_covers_what_its_verb_imports(step):
     """spec.STEPS lists the code whose digest enters a step's key; a module missing there would let an edit
     leave a stale artifact looking current."""
-    verb = spec.STEPS[step].verb
-    assert spec.verb_code_path(verb) and (ROOT / spec.verb_code_path(verb)).exists(), f"`torchat {verb}`: no module"
-    declared = (*spec.STEPS[step].code, spec.verb_code_path(verb))
-    for name in closure([spec.VERBS[verb]], at_import_time=False) - PLUMBING:
+    info = spec.STEPS[step]
+    assert spec.verb_code_path(info.verb) == info.module
+    assert (ROOT / info.module).is_file(), f"`torchat {info.verb}`: no module {info.module}"
+    declared = (*info.code, info.module)
+    for name in closure([module_of(ROOT / info.module)], at_import_time=False) - PLUMBING:
         path = MODULES[name].relative_to(ROOT).as_posix()
         assert any(path == p or path.startswith(p + "/") for p in declared), (
-            f"`torchat {verb}` runs {name}; add {path} (or its package) to STEPS[{step}].code in torchat/spec.py")
+            f"`torchat {info.verb}` runs {name}; add {path} (or its package) to STEPS[{step}].code in "
+            "torchat/spec/graph.py")

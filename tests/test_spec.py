@@ -71,8 +71,9 @@ def test_parsed_fields(real):
                          "stories42M"),
     ("SmolLM2-135M-int4-aoti", "unknown model 'SmolLM2-135M'"),  # no fuzzy matching, not even case
     ("smollm2-135m-int4-fp8-aoti", "unknown quant preset 'fp8'"),
-    ("smollm2-135m-int4-et", "quant preset 'int4' is refused for backend et: weight-only linear quant lowered to "
-                             "XNNPACK gives silently wrong logits"),
+    ("smollm2-135m-int4-et", "quant preset 'int4' is refused for backend et (linear:int4: the int4 tinygemm kernel "
+                             "(aten._weight_int4pack_mm_for_cpu) has no ExecuTorch kernel"),
+    ("smollm2-135m-8da4w-bf16-et", "backend et does not take dtype bf16; choose one of: fp32"),
     ("int4-aoti", "expected a model and a quant preset before the backend"),
 ])
 def test_unknown_names_list_the_valid_choices(real, name, message):
@@ -91,9 +92,9 @@ def test_nodes_chain_and_share(tiny):
     build = tiny.build_node(aoti)
     assert [d.task for _, d in build.deps] == ["quantize:alpha-q8-bf16"]
     quantize = build.deps[0][1]
-    assert json.loads(quantize.spec) == {"quant": [["linear:int8", {"groupsize": 0}]], "dtype": "bf16"}
-    assert quantize.args[:4] == ("--checkpoint-dir", spec.Ref("checkpoint"), "--quant", '{"linear:int8": '
-                                                                                         '{"groupsize": 0}}')
+    assert json.loads(quantize.spec) == {"quant": [["embedding", {"bitwidth": 8, "group_size": 0}]], "dtype": "bf16"}
+    assert quantize.args[:4] == ("--checkpoint-dir", spec.Ref("checkpoint"), "--quant",
+                                 '{"embedding": {"bitwidth": 8, "group_size": 0}}')
     assert tiny.build_node(eager).verb is None and tiny.build_node(eager).deps[0][1] is quantize
     assert tiny.build_node(et).deps[0][1].name == "alpha-q8-fp32"
     assert build.args[-2:] == ("--output-aoti-package-path", spec.Ref("out", "model.pt2"))
@@ -187,9 +188,9 @@ def test_the_default_model_must_be_known(tmp_path):
 
 def test_the_order_of_quant_schemes_is_kept(real):
     quant = real.quants["8da4w-emb4"]
-    assert list(quant.options) == ["linear:a8w4dq", "embedding"]
+    assert list(quant.options) == ["linear:8da4w", "embedding"]  # normalised: the registry's keys
     node = real.quantize_node(real.models["smollm2-135m"], quant, spec.Dtype.FP32)
-    assert [scheme for scheme, _ in json.loads(node.spec)["quant"]] == ["linear:a8w4dq", "embedding"]
+    assert [scheme for scheme, _ in json.loads(node.spec)["quant"]] == ["linear:8da4w", "embedding"]
     assert node.args[3] == quant.quant_json
 
 
@@ -198,3 +199,34 @@ def test_exports_pass_device_and_a_capped_kv_cache(real):
     assert node.args[node.args.index("--max-seq-length") + 1] == "2048"  # SmolLM2's context is 8192
     assert node.args[node.args.index("--device") + 1] == "cpu"
     assert json.loads(node.spec)["max_seq_len"] == 2048
+
+def test_a_bad_preset_fails_the_catalog_naming_the_file_and_the_preset(tmp_path):
+    root = write_tiny_targets(tmp_path / "targets")
+    (root / "quant.toml").write_text('[q4]\nquant = { "linear:int4" = { groupsize = 48 } }\n')
+    with pytest.raises(TorchatError, match=r"quant.toml: \[q4\]: linear:int4 groupsize = 48 is not allowed; "
+                                           r"use one of 32, 64, 128, 256"):
+        spec.load_catalog(root)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[backends.et]\ndefault_dtype = "fp32"\n', "matrix.toml: the file has unknown field 'backends'"),
+    ('[defaults]\nmodel = "alpha"\nmax_seq_len = 4096\n', "[defaults] has unknown field 'max_seq_len'"),
+    ('[[matrix]]\nmodel = "alpha"\n', "[[matrix]] has unknown field 'model'; the fields are: backends, dtypes"),
+])
+def test_matrix_facts_that_belong_to_the_vocabulary_are_refused(tmp_path, text, message):
+    """Default dtypes, refusals and the KV length are torchat/vocabulary.py's and quant/spec.py's, not the TOML's."""
+    root = write_tiny_targets(tmp_path / "targets")
+    (root / "matrix.toml").write_text(text)
+    with pytest.raises(TorchatError) as error:
+        spec.load_catalog(root)
+    assert message in str(error.value)
+
+
+def test_the_matrix_leaves_out_what_a_backend_refuses(tmp_path):
+    root = write_tiny_targets(tmp_path / "targets")
+    (root / "quant.toml").write_text('[none]\nquant = {}\n\n[q4]\nquant = { "linear:int4" = { groupsize = 32 } }\n')
+    (root / "matrix.toml").write_text('[[matrix]]\ndtypes = ["fp32", "bf16"]\n')
+    catalog = spec.load_catalog(root)
+    assert "alpha-q4-et" not in catalog.targets and "alpha-none-et" in catalog.targets  # refused quant scheme
+    assert "alpha-none-bf16-et" not in catalog.targets and "alpha-none-aoti" in catalog.targets  # refused dtype
+

@@ -1,7 +1,8 @@
 """The artifact store: keys, manifests, atomic publication, and what counts as done.
 
 Graph tests run the steps through a stand-in for `python -m torchat` ($TORCHAT_STEP_CLI, STUB below) that
-writes small deterministic outputs, so that they exercise the graph, not the verbs; `download` runs for real.
+writes small deterministic outputs, so that they exercise the graph, not the verbs; `download` fetches for real
+(the library function that `torchat download MODEL --output-dir DIR` runs).
 """
 
 import hashlib
@@ -23,7 +24,12 @@ STUB = textwrap.dedent('''
 
     verb, args = sys.argv[1], sys.argv[2:]
     if verb == "download":
-        os.execv(sys.executable, [sys.executable, "-m", "torchat", verb, *args])
+        from torchat.sources import fetch_model_files
+        from torchat.spec import load_catalog
+
+        output_dir = Path(args[args.index("--output-dir") + 1])
+        fetch_model_files(load_catalog().model(args[0]), output_dir, os.environ.get("TORCHAT_ALLOW_UNPINNED") == "1")
+        sys.exit(0)
     with open(os.environ["STUB_LOG"], "a") as log:
         log.write(verb + "\\n")
     options = dict(zip(args[::2], args[1::2]))
@@ -72,17 +78,11 @@ def write_tiny_targets(root: Path, contents: dict[str, bytes] | None = None, q8_
                       f'sha256 = "{sha256(data)}"\n'
                       f'tokenizer = {{ source = "path:tok.model", sha256 = "{sha256(b"tokenizer")}" }}\n')
     (root / "models.toml").write_text("\n".join(models))
-    (root / "quant.toml").write_text(f'[none]\nquant = {{}}\n\n[q8]\nquant = {{ "linear:int8" = {{ groupsize = '
-                                     f'{q8_groupsize} }} }}\n')
+    (root / "quant.toml").write_text(f'[none]\nquant = {{}}\n\n[q8]\n'
+                                     f'quant = {{ embedding = {{ bitwidth = 8, groupsize = {q8_groupsize} }} }}\n')
     (root / "matrix.toml").write_text(textwrap.dedent('''
         [defaults]
         model = "alpha"
-        [backends.eager]
-        default_dtype = "bf16"
-        [backends.aoti]
-        default_dtype = "bf16"
-        [backends.et]
-        default_dtype = "fp32"
         [[matrix]]
         models = "*"
         quants = "*"
@@ -239,3 +239,19 @@ def test_remove_named_removes_every_key_of_a_name(tiny, tmp_path):
     assert sorted(store.remove_named(node)) == sorted([directory, old])
     assert not directory.exists() and not old.exists() and not store.is_done(node)
     assert json.loads(json.dumps(store.artifacts("quantize"))) == []
+
+
+def test_presets_are_normalised_before_they_are_hashed(tiny, tmp_path):
+    """`groupsize` and `group_size` (and an option left at its default) are one preset: one store key."""
+    spelled = {"one": "quant = { embedding = { bitwidth = 8, groupsize = 32 } }",
+               "other": "quant = { embedding = { group_size = 32 } }"}
+    keys = set()
+    for name, preset in spelled.items():
+        root = write_tiny_targets(tmp_path / name)
+        (root / "quant.toml").write_text(f"[none]\nquant = {{}}\n\n[q8]\n{preset}\n")
+        catalog = spec.load_catalog(root)
+        store.realize_with_inputs(catalog.convert_node(catalog.models["alpha"]))
+        node = catalog.quantize_node(catalog.models["alpha"], catalog.quants["q8"], spec.Dtype.BF16)
+        keys.add(store.node_key(node))
+    assert len(keys) == 1 and None not in keys
+

@@ -8,31 +8,27 @@ holds that preimage and the sha256, size and mtime of every output.
 
 A directory counts as done only when its manifest parses, names the expected key and every output matches
 (size, then mtime, else a rehash). Steps run `python -m torchat VERB ...` into a temp directory beside the
-final one, under a per-key lock, and publish it by one `os.rename`: a killed build leaves a `.tmp-*` directory
-that is never read and is swept by the next build of that key. Standard library only.
+final one, under a per-key lock, and publish it by one rename (torchat.publish): a killed build leaves a `.tmp-*`
+directory that is never read and is swept by the next build of that key. Standard library only.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 from torchat.errors import TorchatError
+from torchat.publish import fsync, locked, publish_dir, publish_file, remove_dir, sha256_file, sweep
 from torchat.spec import REPO_ROOT, STEPS, Node, Ref, verb_code_path
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-CHUNK = 1 << 20
 
 _code_cache: dict[tuple[Path, str], dict[str, str]] = {}
 _version_cache: dict[str, str] = {}
@@ -42,14 +38,6 @@ _found: dict[tuple[str, str], tuple[Path, dict]] = {}
 def artifacts_dir() -> Path:
     """$TORCHAT_ARTIFACTS, else the checkout's artifacts/."""
     return Path(os.environ.get("TORCHAT_ARTIFACTS") or REPO_ROOT / "artifacts").expanduser().resolve()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_json(obj) -> str:
@@ -163,24 +151,6 @@ def is_done(node: Node) -> bool:
     return find(node) is not None
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def step_command() -> list[str]:
     """How steps call the library: `python -m torchat`; $TORCHAT_STEP_CLI stands in for it in graph tests."""
     override = os.environ.get("TORCHAT_STEP_CLI")
@@ -205,7 +175,7 @@ def _hash_outputs(directory: Path) -> dict[str, dict]:
     outputs = {}
     for f in sorted(directory.rglob("*")):
         if f.is_file() and f.name != MANIFEST:
-            _fsync(f)
+            fsync(f)
             stat = f.stat()
             outputs[f.relative_to(directory).as_posix()] = {"sha256": sha256_file(f), "size": stat.st_size,
                                                             "mtime_ns": stat.st_mtime_ns}
@@ -213,26 +183,18 @@ def _hash_outputs(directory: Path) -> dict[str, dict]:
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
-    tmp = directory / (MANIFEST + ".part")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    _fsync(tmp)
-    os.rename(tmp, directory / MANIFEST)
+    with publish_file(directory / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
-def _sweep(parent: Path, key16: str) -> None:
-    """Remove what killed builds of this key left behind (called under the key's lock)."""
-    for stale in [*parent.glob(f".tmp-{key16}-*"), *parent.glob(f".trash-{key16}-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+def _temp_prefix(key16: str) -> str:
+    """What a build of this key (and a removal of its artifact) names its temporaries: swept under the key's lock."""
+    return f".tmp-{key16}-"
 
 
 def remove_artifact(directory: Path) -> None:
     """Make the artifact disappear at once (rename), then delete it."""
-    trash = directory.parent / f".trash-{directory.name[:16]}-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        os.rename(directory, trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_dir(directory, _temp_prefix(directory.name[:16]))
 
 
 def realize(node: Node) -> tuple[Path, dict]:
@@ -249,12 +211,12 @@ def realize(node: Node) -> tuple[Path, dict]:
     key = sha256_json(pre)
     final = artifact_dir(node, key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(final.parent / f".lock-{key[:16]}"):
+    with locked(final.parent / f".lock-{key[:16]}"):
         manifest = check_artifact(final, key)
         if manifest is None:
-            _sweep(final.parent, key[:16])
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=final.parent))
-            try:
+            sweep(final.parent, _temp_prefix(key[:16]))
+            # an incomplete or tampered directory under the final name is replaced
+            with publish_dir(final, _temp_prefix(key[:16])) as tmp:
                 command = _run_verb(node, {**dirs, "out": tmp})
                 outputs = _hash_outputs(tmp)
                 if not outputs:
@@ -264,13 +226,6 @@ def realize(node: Node) -> tuple[Path, dict]:
                             "inputs": {r: d.relative_to(artifacts_dir()).as_posix() for r, d in dirs.items()},
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 _write_manifest(tmp, manifest)
-                os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the artifact from other users' runners
-                if final.exists():  # an incomplete or tampered directory under the final name
-                    remove_artifact(final)
-                os.rename(tmp, final)
-                _fsync(final.parent)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     _found[node.step, node.name] = final, manifest
     return final, manifest
 

@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from torchat.dtypes import dtype_of, torch_dtype
 from torchat.errors import TorchatError, unknown_key_error
 from torchat.quant.base import QuantizedModule
-from torchat.quant.schemes import BACKENDS, QUANTIZERS, TORCH_DTYPES, padding_of
-from torchat.quant.spec import SCHEME_ALIASES, QuantSpec
+from torchat.quant.schemes import QUANTIZERS, padding_of
+from torchat.quant.spec import SCHEME_ALIASES, QuantSpec, refusal
 
 
 @dataclass
@@ -60,10 +61,6 @@ class QuantReport:
         return [name for s in self.schemes for name in s.quantized]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in TORCH_DTYPES.items() if value == dtype)
-
-
 def quantize_model(model: nn.Module, specs: list[QuantSpec], calibration_tokens=None, *,
                    pack: bool = True) -> QuantReport:
     """Quantize a Transformer in place, spec by spec (a `precision` spec first, wherever it stands: quantized
@@ -77,13 +74,13 @@ def quantize_model(model: nn.Module, specs: list[QuantSpec], calibration_tokens=
         if spec.scheme not in QUANTIZERS:
             raise unknown_key_error("quantization scheme", spec.scheme, list(QUANTIZERS) + list(SCHEME_ALIASES))
     owner: dict[str, str] = {}  # module name -> scheme that quantized it
-    report = QuantReport(_dtype_name(next(model.parameters()).dtype))
+    report = QuantReport(str(dtype_of(next(model.parameters()).dtype)))
     for spec in ordered:
         scheme = QUANTIZERS[spec.scheme]
         scheme_report = SchemeReport(spec)
         report.schemes.append(scheme_report)
         if spec.scheme == "precision":
-            dtype = TORCH_DTYPES[spec.options["dtype"]]
+            dtype = torch_dtype(spec.options["dtype"])
             model.to(dtype)
             report.dtype = spec.options["dtype"]
             continue
@@ -120,12 +117,10 @@ def pack_model(model: nn.Module) -> None:
 
 def backend_support(specs: list[QuantSpec], backend: str) -> None:
     """Raise TorchatError if any spec gives wrong numbers or cannot run on `backend` (eager, aoti, et)."""
-    if backend not in BACKENDS:
-        raise unknown_key_error("backend", backend, BACKENDS)
     for spec in specs:
         if spec.scheme not in QUANTIZERS:
             raise unknown_key_error("quantization scheme", spec.scheme, list(QUANTIZERS) + list(SCHEME_ALIASES))
-        reason = QUANTIZERS[spec.scheme].refused.get(backend)
-        if reason:
-            raise TorchatError(f"quantization {spec.scheme} is refused for backend {backend}: {reason}")
+    refused = refusal(specs, backend)
+    if refused:
+        raise TorchatError(f"quantization {refused[0]} is refused for backend {backend}: {refused[1]}")
 

@@ -1,5 +1,5 @@
 """The quantization schemes, one registry entry each, keyed by the --quant token (after torchat.quant.spec's
-aliases): what each quantizes, how, and on which backends its numbers are right."""
+aliases): what each quantizes and how. Which backends refuse a scheme is torch-free data: torchat.quant.spec."""
 
 from dataclasses import dataclass
 from typing import Callable
@@ -8,32 +8,21 @@ import torch
 from torch import nn
 
 from torchat.errors import TorchatError
-from torchat.spec import Backend
 from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
 from torchat.quant.intx import Int8DynActInt4Linear, Int8DynActInt8Linear, QuantizedEmbedding
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = tuple(b.value for b in Backend)  # the build graph's closed vocabulary: eager, aoti, et
-
 # module name -> the new module, or a string saying why that module was left as it is
 Results = dict[str, "nn.Module | str"]
-
-_WEIGHT_ONLY_ET = ("weight-only linear quantization lowered to ExecuTorch's XNNPACK delegate gives silently wrong "
-                   "logits (its scales are dropped: errors of 200-3000 on a logit scale of 5)")
-_TINYGEMM_ET = ("the int4 tinygemm kernel (aten._weight_int4pack_mm_for_cpu) has no ExecuTorch kernel, and the "
-                "weight-only int4 forms XNNPACK takes give silently wrong logits")
-_ET_FIX = "use linear:8da4w (int8 dynamic activations, int4 weights), which XNNPACK runs correctly"
 
 
 @dataclass(frozen=True)
 class Scheme:
     """target: the module type it replaces (None: the whole model); quantize(model, candidates, options,
-    calibration) -> Results; refused: backend -> why its numbers would be wrong or it cannot run there."""
+    calibration) -> Results."""
 
     target: type | None
     quantize: Callable[[nn.Module, dict[str, nn.Module], dict, object], Results]
-    refused: dict[str, str]
     description: str
 
 
@@ -81,26 +70,23 @@ def _quantize_gptq(model, candidates, options, calibration) -> Results:
 
 
 QUANTIZERS: dict[str, Scheme] = {
-    "embedding": Scheme(nn.Embedding, _quantize_embedding, {},
+    "embedding": Scheme(nn.Embedding, _quantize_embedding,
                         "int8 (per row or group-wise) or int4 (group-wise) symmetric embedding table"),
     "linear:int8": Scheme(nn.Linear, _per_linear(lambda m, o: Int8WeightOnlyLinear.from_float(m.weight, o["group_size"])),
-                          {Backend.ET: f"{_WEIGHT_ONLY_ET}; {_ET_FIX}"},
                           "int8 weight-only linear, symmetric, per channel (group_size 0) or group-wise"),
     "linear:int4": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight, o["group_size"])),
-                          {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
                           "int4 weight-only linear, asymmetric group-wise, min/max scales (tinygemm layout)"),
     "linear:8da4w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt4Linear.from_float(m.weight,
                                                                                                o["group_size"])),
-                           {}, "int8 per-token dynamic activations, int4 symmetric group-wise weights"),
+                           "int8 per-token dynamic activations, int4 symmetric group-wise weights"),
     "linear:8da8w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt8Linear.from_float(m.weight)),
-                           {}, "int8 per-token dynamic activations, int8 symmetric per-channel weights"),
-    "linear:gptq": Scheme(nn.Linear, _quantize_gptq, {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
+                           "int8 per-token dynamic activations, int8 symmetric per-channel weights"),
+    "linear:gptq": Scheme(nn.Linear, _quantize_gptq,
                           "int4 weight-only linear with GPTQ error compensation, calibrated on English text"),
     "linear:hqq": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight,
                                                                                              o["group_size"], "hqq")),
-                         {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
                          "int4 weight-only linear with HQQ-fitted scales and zeros"),
-    "precision": Scheme(None, lambda *args: {}, {}, "the float dtype of the model (applied before any quantizer)"),
+    "precision": Scheme(None, lambda *args: {}, "the float dtype of the model (applied before any quantizer)"),
 }
 
 

@@ -4,7 +4,8 @@
       -> [QuantSpec("linear:int4", {"group_size": 32}), QuantSpec("embedding", {"bitwidth": 8, "group_size": 0})]
 
 Each scheme declares its options here: one spelling per field after normalisation (`groupsize` -> `group_size`),
-defaults filled in, every value checked, so two spellings of the same request give equal specs (and keys).
+defaults filled in, every value checked, so two spellings of the same request give equal specs (and keys); and the
+backends that refuse it, with the reason. Standard library only: the build graph normalises presets with it.
 """
 
 import ast
@@ -14,10 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torchat.errors import TorchatError, unknown_key_error
+from torchat.vocabulary import Backend, Dtype, dtype_name
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
-               "fp16": "fp16", "float16": "fp16", "half": "fp16"}
 
 # the seed's alternative spellings of option names
 OPTION_SPELLINGS = {"groupsize": "group_size"}
@@ -83,7 +83,23 @@ SCHEME_OPTIONS: dict[str, dict[str, Option]] = {
                                           "no group-wise int8 kernel)"), "bitwidth": _choice(8)},
     "linear:gptq": {"group_size": _group(128, INT4_GROUP_SIZES), **_CALIBRATION},
     "linear:hqq": {"group_size": _group(128, INT4_GROUP_SIZES)},
-    "precision": {"dtype": Option("fp32", lambda v: v in DTYPE_NAMES, "one of fp32, bf16, fp16")},
+    "precision": {"dtype": Option(Dtype.FP32, lambda v: isinstance(v, str) and dtype_name(v) is not None,
+                                  f"one of {', '.join(Dtype)}")},
+}
+
+_WEIGHT_ONLY_ET = ("weight-only linear quantization lowered to ExecuTorch's XNNPACK delegate gives silently wrong "
+                   "logits (its scales are dropped: errors of 200-3000 on a logit scale of 5)")
+_TINYGEMM_ET = ("the int4 tinygemm kernel (aten._weight_int4pack_mm_for_cpu) has no ExecuTorch kernel, and the "
+                "weight-only int4 forms XNNPACK takes give silently wrong logits")
+_ET_FIX = "use linear:8da4w (int8 dynamic activations, int4 weights), which XNNPACK runs correctly"
+
+# scheme -> backend -> why its numbers would be wrong there (or it cannot run there); read by
+# torchat.quant.backend_support before an export and by the build graph, which leaves such targets out
+REFUSED: dict[str, dict[Backend, str]] = {
+    "linear:int8": {Backend.ET: f"{_WEIGHT_ONLY_ET}; {_ET_FIX}"},
+    "linear:int4": {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
+    "linear:gptq": {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
+    "linear:hqq": {Backend.ET: f"{_TINYGEMM_ET}; {_ET_FIX}"},
 }
 
 
@@ -150,7 +166,7 @@ def normalise_options(scheme: str, options, where: str = "--quant") -> dict:
     for name, option in schema.items():
         out.setdefault(name, option.default)
     if scheme == "precision":
-        out["dtype"] = DTYPE_NAMES[out["dtype"]]
+        out["dtype"] = str(dtype_name(out["dtype"]))
     if scheme == "embedding" and out["bitwidth"] == 4 and out["group_size"] == 0:
         raise TorchatError(f"{where}: embedding bitwidth 4 needs a group_size (32, 64, 128 or 256), not 0")
     if scheme == "linear:gptq" and out["blocksize"] % out["group_size"] and out["group_size"] % out["blocksize"]:
@@ -162,3 +178,14 @@ def normalise_options(scheme: str, options, where: str = "--quant") -> dict:
 def specs_to_json(specs: list[QuantSpec]) -> str:
     """The canonical JSON of specs (the inverse of parse_quant for normalised specs)."""
     return json.dumps({spec.scheme: spec.options for spec in specs})
+
+
+def refusal(specs: list[QuantSpec], backend: str) -> tuple[str, str] | None:
+    """(scheme, why) for the first of these specs that `backend` refuses, or None."""
+    if backend not in list(Backend):
+        raise unknown_key_error("backend", backend, Backend)
+    for spec in specs:
+        reason = REFUSED.get(spec.scheme, {}).get(Backend(backend))
+        if reason:
+            return spec.scheme, reason
+    return None
