@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_model import tiny_transformer
 
 from torchat.errors import TorchatError
 from torchat.generate import EagerModel, GenerationStats, Sampling, generate, sample
-from torchat.model import ModelArgs, Transformer
 
 
 def draw(logits, sampling, n=4000, seed=0):
@@ -58,9 +58,7 @@ def test_bad_sampling_settings_fail(bad):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=128,
-                                 max_seq_len=64)).eval()
+    return tiny_transformer(std=None)
 
 
 def greedy_by_recompute(model, prompt, steps):

@@ -2,39 +2,36 @@
 
 import pytest
 import torch
+from tiny_model import tiny_args, tiny_transformer
 
 from torchat.configs import KNOWN_CONFIGS, lookup_config, match_config_name
 from torchat.errors import TorchatError
 from torchat.model import ModelArgs, Transformer
 
-
-def tiny_args(**overrides) -> ModelArgs:
-    values = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128, hidden_dim=160, max_seq_len=64)
-    return ModelArgs(**(values | overrides))
+VOCAB = tiny_args().vocab_size
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 8}, {"tie_embeddings": True},
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"tie_embeddings": True},
                                        {"rope_scaling": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                                             original_max_position_embeddings=16)}])
+                                                             original_max_position_embeddings=16)}],
+                         ids=["gqa", "mha", "tied", "llama31-rope"])
 def test_cached_decode_equals_full_recompute(overrides):
-    torch.manual_seed(0)
-    model = Transformer(tiny_args(**overrides)).eval()
-    tokens = torch.randint(0, 128, (1, 24))
+    model = tiny_transformer(tiny_args(**overrides), std=None)
+    tokens = torch.randint(0, VOCAB, (1, 24))
     with torch.no_grad():
         full = model(tokens)  # no cache: plain causal pass over all 24 positions
         model.setup_caches(1, 40)
         steps = [model(tokens[:, :8], torch.arange(8))]  # prefill 8, then 16 single-token decode steps
         steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(8, 24)]
     cached = torch.cat(steps, dim=1)
-    assert full.shape == cached.shape == (1, 24, 128)
+    assert full.shape == cached.shape == (1, 24, VOCAB)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_cached_decode_equals_full_recompute_and_stays_bf16():
     """bf16 models attend in fp32 on CPU (its bf16 attention kernel is slow); the rest stays bf16."""
-    torch.manual_seed(0)
-    model = Transformer(tiny_args()).to(torch.bfloat16).eval()
-    tokens = torch.randint(0, 128, (1, 12))
+    model = tiny_transformer(std=None).to(torch.bfloat16)
+    tokens = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
         full = model(tokens)
         model.setup_caches(1, 16)
@@ -48,9 +45,8 @@ def test_bf16_cached_decode_equals_full_recompute_and_stays_bf16():
 
 def test_cache_overwrite_hides_stale_positions():
     """A second prompt written from position 0 must not see what the first left in later slots."""
-    torch.manual_seed(1)
-    model = Transformer(tiny_args()).eval()
-    first, second = torch.randint(0, 128, (1, 20)), torch.randint(0, 128, (1, 6))
+    model = tiny_transformer(seed=1, std=None)
+    first, second = torch.randint(0, VOCAB, (1, 20)), torch.randint(0, VOCAB, (1, 6))
     with torch.no_grad():
         model.setup_caches(1, 32)
         model(first, torch.arange(20))
@@ -61,7 +57,7 @@ def test_cache_overwrite_hides_stale_positions():
 
 
 def test_kv_cache_takes_the_model_dtype():
-    model = Transformer(tiny_args()).to(torch.bfloat16)
+    model = tiny_transformer(std=None).to(torch.bfloat16)
     model.setup_caches(1, 16)
     assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.bfloat16
 

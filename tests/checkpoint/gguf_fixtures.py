@@ -11,14 +11,15 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
+from tiny_model import tiny_args
 
 from torchat.checkpoint.base import permute_hf_to_meta
 from torchat.model import ModelArgs
 
 Q = GGMLQuantizationType
-TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=128, max_seq_len=128)
+TINY = tiny_args()
 # every in-feature a multiple of the K-quants' 256-value block
-TINY_K = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=512, max_seq_len=128)
+TINY_K = tiny_args(dim=256, n_layers=1, hidden_dim=512)
 
 _LAYER_NAMES = {
     "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",

@@ -11,6 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf.quants import dequantize
 from gguf_fixtures import (TINY, TINY_K, Q, gguf_name, llama31_rope_freqs, llama_cpp_tensors,
                            random_blocks, write_gguf, write_model_gguf)
+from tiny_model import tiny_args, tiny_transformer
 
 from torchat.checkpoint.base import permute_meta_to_hf
 from torchat.checkpoint.gguf import GGUF_TYPES, gguf_metadata, read_gguf
@@ -24,8 +25,7 @@ _QUANT_ERROR = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 0.1
 
 
 def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(args)
+    model = tiny_transformer(args, seed=seed, std=None)
     with torch.no_grad():  # norms away from 1 so that a misplaced norm shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -138,8 +138,8 @@ def test_caller_args_override_the_file(tmp_path):
 
 @pytest.mark.parametrize("head_dim", [128, 16], ids=["fitted-ramp", "default-ramp"])
 def test_llama31_rope_scaling_from_rope_freqs(tmp_path, head_dim):
-    args = ModelArgs(dim=2 * head_dim, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=96, hidden_dim=64,
-                     rope_theta=500000.0, max_seq_len=256)
+    args = tiny_args(dim=2 * head_dim, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64, rope_theta=500000.0,
+                     max_seq_len=256)
     scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
     tensors = {name: (values, Q.F32) for name, values in
                llama_cpp_tensors(random_model(args).state_dict(), args).items()}

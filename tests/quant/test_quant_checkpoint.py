@@ -5,17 +5,17 @@ import json
 
 import pytest
 import torch
+from tiny_model import tiny_args, tiny_transformer
 
 from torchat.checkpoint import build_model, read_checkpoint
 from torchat.checkpoint.base import Checkpoint
 from torchat.checkpoint.canonical import write_canonical
 from torchat.errors import TorchatError
-from torchat.model import ModelArgs, Transformer
 from torchat.quant import bake_quantized, load_quantized, parse_quant, quantize_model, read_report
 from torchat.quant.base import QuantizedModule
 
 # dim 64, hidden 96: w2's input (96) is no multiple of 64, so group 64 exercises the padding
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=160, hidden_dim=96, max_seq_len=64)
+ARGS = tiny_args(hidden_dim=96)
 
 SCHEMES = {
     "int8": '{"linear:int8": {"group_size": 0}}',
@@ -34,14 +34,13 @@ SCHEMES = {
 ERROR_BOUND = {"int8": 0.03, "int8-g32": 0.03, "emb8": 0.03}
 
 
-def calibration(vocab: int = 160) -> torch.Tensor:
-    return torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(3))
+def calibration() -> torch.Tensor:
+    return torch.randint(0, ARGS.vocab_size, (4, 32), generator=torch.Generator().manual_seed(3))
 
 
 def write_float_checkpoint(directory, tie_embeddings: bool):
-    torch.manual_seed(0)
-    args = ModelArgs(**TINY, tie_embeddings=tie_embeddings)
-    model = Transformer(args)
+    args = tiny_args(hidden_dim=96, tie_embeddings=tie_embeddings)
+    model = tiny_transformer(args, std=None)
     with torch.no_grad():
         model.tok_embeddings.weight.mul_(0.05)  # a llama-like logit scale
     write_canonical(Checkpoint(dict(model.state_dict()), args, {"format": "torchat"}), directory)
@@ -76,7 +75,7 @@ def test_tied_checkpoint_reloads_to_the_same_logits(name, tied_dir, tmp_path):
 
 def check_bake_and_reload(name, float_dir, tmp_path):
     specs = parse_quant(SCHEMES[name])
-    tokens = torch.randint(0, 160, (1, 12), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
     reference = build_model(read_checkpoint(float_dir))
     in_memory = build_model(read_checkpoint(float_dir))
     report = quantize_model(in_memory, specs, calibration())

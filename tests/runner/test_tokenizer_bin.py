@@ -4,22 +4,16 @@ file and Mistral's 32000-token sentencepiece model; with special tokens matched 
 Also the file format's guards: a runner rejects a file it does not understand, and the writer refuses models the
 C++ encoder cannot reproduce."""
 
-import importlib.util
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+from tokenizer_lines import TRICKY_LINES
 
 from torchat.cli import main
 from torchat.tokenizer_bin import CHAT_FORMATS, MAGIC, VERSION, chat_format
 from torchat.tokenizers import load_tokenizer
-
-_spec = importlib.util.spec_from_file_location("tokenizer_test_lines",
-                                               Path(__file__).parents[1] / "tokenizers" / "conftest.py")
-_lines = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_lines)
-TRICKY_LINES = _lines.TRICKY_LINES
 
 
 @pytest.fixture(scope="module")
