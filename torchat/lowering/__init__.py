@@ -1,19 +1,18 @@
 """Lowering: a (possibly quantized) Transformer exported once, compiled by a backend, checked, then published.
 
-    LOWERINGS[suffix] -> Lowering(backend token, lower(program, metadata, output))
+    LOWERINGS[suffix] -> Lowering(backend, lower(program, metadata, output), attention)
     export_model(model, Path("m.pte"), max_seq_len=..., dtype="fp32") -> ExportReport
 
 One exported forward serves prefill and decode: tokens (1, S) at positions (S,) with S dynamic in 1..max_seq_len,
 the static KV cache as mutable buffers inside the artifact. Every export ends with a logits check against the
 eager model (prefill + 2 decode steps); a mismatch fails the export and nothing is published. The artifact is
-built under a temporary name beside the output and renamed into place.
+built under a temporary name beside the output and renamed into place (torchat.publish). Which dtypes and devices a
+backend takes is torchat.vocabulary's.
 """
 
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,18 +26,26 @@ from torchat.errors import TorchatError, unknown_key_error
 from torchat.exported import ArtifactMetadata
 from torchat.lowering.parity import TOLERANCES, ParityReport, Tolerance, check_parity
 from torchat.model import Transformer
+from torchat.publish import publish_file
+from torchat.vocabulary import ARTIFACT_SUFFIXES, BACKENDS, Backend, Device, Dtype
 
 TOOLCHAIN = ("torch", "torchao", "executorch")
 
 
 @dataclass(frozen=True)
 class Lowering:
-    backend: str                                              # the build graph's backend token
+    backend: Backend
     lower: Callable[[ExportedProgram, ArtifactMetadata, Path], None]
-    dtypes: tuple[str, ...]
-    devices: tuple[str, ...]
     # model (caches set up) -> a context manager that adapts its caches and attention to the backend for the export
     attention: Callable | None = None
+
+    @property
+    def dtypes(self) -> tuple[Dtype, ...]:
+        return BACKENDS[self.backend].dtypes
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return BACKENDS[self.backend].devices
 
 
 def _lazy(module: str, function: str):
@@ -47,17 +54,13 @@ def _lazy(module: str, function: str):
     return call
 
 
-# artifact suffix -> how it is built; the backend token is what quant.backend_support and the build graph use
+# artifact suffix -> how it is built; the suffix's backend (vocabulary.ARTIFACT_SUFFIXES) says what it takes
 LOWERINGS = {
-    ".pt2": Lowering("aoti", _lazy("torchat.lowering.aoti", "lower_aoti_package"), ("fp32", "bf16", "fp16"),
-                     ("cpu", "cuda")),
-    ".so": Lowering("aoti", _lazy("torchat.lowering.aoti", "lower_aoti_dso"), ("fp32", "bf16", "fp16"),
-                    ("cpu", "cuda")),
-    # XNNPACK's fp32 path; its fp16/bf16 support is partial and not checked here, so it is refused
-    ".pte": Lowering("et", _lazy("torchat.lowering.et", "lower_et"), ("fp32",), ("cpu",),
+    ".pt2": Lowering(ARTIFACT_SUFFIXES[".pt2"], _lazy("torchat.lowering.aoti", "lower_aoti_package")),
+    ".so": Lowering(ARTIFACT_SUFFIXES[".so"], _lazy("torchat.lowering.aoti", "lower_aoti_dso")),
+    ".pte": Lowering(ARTIFACT_SUFFIXES[".pte"], _lazy("torchat.lowering.et", "lower_et"),
                      attention=_lazy("torchat.lowering.et", "llm_attention")),
 }
-BACKENDS = sorted({lowering.backend for lowering in LOWERINGS.values()})
 
 
 @dataclass
@@ -138,16 +141,13 @@ def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: s
     if not output.parent.is_dir():
         raise TorchatError(f"{output.parent}: no such directory for the output")
     metadata = ArtifactMetadata(
-        backend=lowering.backend, model_args=model.args.to_dict(), max_seq_len=max_seq_len, dtype=dtype,
+        backend=str(lowering.backend), model_args=model.args.to_dict(), max_seq_len=max_seq_len, dtype=dtype,
         device=device, quant=list(quant or []), tokenizer_kind=getattr(tokenizer, "kind", None),
         tokenizer_file=tokenizer_file, bos_id=getattr(tokenizer, "bos_id", None),
         eos_id=getattr(tokenizer, "eos_id", None), toolchain=toolchain_versions())
     metadata = _with_build_key(metadata, model)
-    # the final file name inside a scratch directory: a .pt2 archive is rooted at its file's stem
-    scratch_dir = output.parent / f".{output.name}.{os.getpid()}.tmp"
-    scratch_dir.mkdir(exist_ok=True)
-    scratch = scratch_dir / output.name
-    try:
+    # publish_file's temporary keeps the final file name: a .pt2 archive is rooted at its file's stem
+    with publish_file(output) as scratch:
         start = time.perf_counter()
         program = export_forward(model, max_seq_len, lowering.attention)
         exported_at = time.perf_counter()
@@ -160,9 +160,6 @@ def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: s
             raise TorchatError(f"{output.name}: the {lowering.backend} artifact disagrees with the eager model "
                                f"({parity.summary()}); nothing was written")
         size = scratch.stat().st_size
-        os.replace(scratch, output)
-    finally:
-        shutil.rmtree(scratch_dir, ignore_errors=True)
     return ExportReport(output, metadata, parity, lowered_at - start, checked_at - lowered_at, size,
                         {"export": exported_at - start, "lower": lowered_at - exported_at})
 
