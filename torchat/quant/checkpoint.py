@@ -7,15 +7,14 @@ specs, the dtype, each quantized module's kind and shape, the report), and the s
 """
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from torchat.dtypes import torch_dtype
 from torchat.errors import TorchatError, unknown_key_error
 from torchat.model import ModelArgs, Transformer, rope_frequencies
 from torchat.quant.base import QuantizedModule
@@ -23,7 +22,7 @@ from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
 from torchat.quant.intx import Int8DynActInt4Linear, Int8DynActInt8Linear, QuantizedEmbedding
 from torchat.quant.quantizer import QuantReport, quantize_model
-from torchat.quant.schemes import TORCH_DTYPES
+from torchat.publish import publish_dir
 from torchat.quant.spec import QuantSpec
 
 QUANT_MANIFEST, WEIGHTS, ARGS, METADATA = "quant.json", "model.safetensors", "model_args.json", "metadata.json"
@@ -50,10 +49,9 @@ def bake_quantized(checkpoint_dir: Path, specs: list[QuantSpec], dtype: str, out
     from torchat.checkpoint import build_model, read_checkpoint
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    if dtype not in TORCH_DTYPES:
-        raise unknown_key_error("dtype", dtype, TORCH_DTYPES)
+    model_dtype = torch_dtype(dtype)  # an unknown name lists the valid ones before any reading
     checkpoint = read_checkpoint(checkpoint_dir)
-    model = build_model(checkpoint, TORCH_DTYPES[dtype])
+    model = build_model(checkpoint, model_dtype)
     calibration = calibration_tokens
     if calibration is None and any(spec.scheme == "linear:gptq" for spec in specs):
         from torchat.tokenizers import load_tokenizer
@@ -66,9 +64,7 @@ def bake_quantized(checkpoint_dir: Path, specs: list[QuantSpec], dtype: str, out
     metadata = {**checkpoint.metadata, "format": "torchat", "quant": [s.to_dict() for s in specs],
                 "dtype": report.dtype}
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with publish_dir(output_dir) as tmp:
         save_file(state_dict, tmp / WEIGHTS)
         (tmp / ARGS).write_text(json.dumps(checkpoint.args.to_dict(), indent=2) + "\n")
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
@@ -78,11 +74,6 @@ def bake_quantized(checkpoint_dir: Path, specs: list[QuantSpec], dtype: str, out
         for path in tokenizer_files:
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.rename(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 
@@ -135,7 +126,7 @@ def load_quantized(checkpoint_dir: Path, device="cpu") -> Transformer:
     checkpoint_dir = Path(checkpoint_dir)
     manifest = read_manifest(checkpoint_dir)
     args = ModelArgs.from_json(checkpoint_dir / ARGS)
-    dtype = TORCH_DTYPES[manifest["dtype"]]
+    dtype = torch_dtype(manifest["dtype"])
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
         for name, entry in manifest["modules"].items():
