@@ -1,23 +1,17 @@
-"""`torchat convert`: any checkpoint format -> the canonical directory, published atomically.
+"""Checkpoint conversion: any checkpoint format -> the canonical directory, published atomically; and the
+tokenizer files a model directory carries.
 
 The output holds model.safetensors, model_args.json, metadata.json and the tokenizer: the given
 --tokenizer-path copied as is, or for a GGUF a vocabulary-only `tokenizer.gguf` (the file's tokenizer.* keys).
 """
 
-import argparse
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from torchat.dtypes import torch_dtype
 from torchat.errors import TorchatError
-from torchat.loader import TORCH_DTYPES, DType, add_checkpoint_arguments, checkpoint_path
-
-
-def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    add_checkpoint_arguments(parser)
-    parser.add_argument("--dtype", default=DType.fp32, choices=list(DType))
-    parser.add_argument("--output-dir", type=Path, required=True)
+from torchat.publish import publish_dir
+from torchat.vocabulary import Dtype
 
 
 def write_tokenizer_gguf(source: Path, destination: Path) -> None:
@@ -36,19 +30,17 @@ def write_tokenizer_gguf(source: Path, destination: Path) -> None:
 
 
 def convert_checkpoint(source: Path, output_dir: Path, fmt: str | None = None, args=None,
-                       tokenizer_path: Path | None = None, dtype: DType = DType.fp32) -> Path:
+                       tokenizer_path: Path | None = None, dtype: Dtype = Dtype.FP32) -> Path:
     """Read `source`, validate it, and publish the canonical form at `output_dir` (replacing it atomically)."""
     from torchat.checkpoint import read_checkpoint
     from torchat.checkpoint.canonical import write_canonical
 
     checkpoint = read_checkpoint(source, fmt, args)
-    torch_dtype = TORCH_DTYPES[DType(dtype)]
-    checkpoint.state_dict = {k: v.to(torch_dtype) for k, v in checkpoint.state_dict.items()}
+    to = torch_dtype(dtype)
+    checkpoint.state_dict = {k: v.to(to) for k, v in checkpoint.state_dict.items()}
     checkpoint.metadata |= {"source": str(source), "dtype": str(dtype)}
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with publish_dir(output_dir) as tmp:
         write_canonical(checkpoint, tmp)
         if tokenizer_path is not None:
             if not Path(tokenizer_path).is_file():
@@ -56,19 +48,24 @@ def convert_checkpoint(source: Path, output_dir: Path, fmt: str | None = None, a
             shutil.copyfile(tokenizer_path, tmp / Path(tokenizer_path).name)
         elif checkpoint.metadata["format"] == "gguf":
             write_tokenizer_gguf(source, tmp / "tokenizer.gguf")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.rename(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 
-def run(args: argparse.Namespace) -> int:
-    from torchat.checkpoint import resolve_args
+def write_tokenizer_files(source: Path, tokenizer, directory: Path) -> list[Path]:
+    """Write a model's tokenizer into `directory` beside an exported artifact: the tokenizer file (for a GGUF
+    only its vocabulary, `tokenizer.gguf`) and the tokenizer.bin that the C++ runners read. Each is published
+    atomically; a file that already is the source is left alone."""
+    from torchat.publish import publish_file
+    from torchat.tokenizer_bin import build_tokenizer_bin
 
-    source = checkpoint_path(args)
-    out = convert_checkpoint(source, args.output_dir, args.format, resolve_args(args.params_table, args.params_path),
-                             args.tokenizer_path, args.dtype)
-    print(f"converted {source} -> {out}")
-    return 0
+    name = "tokenizer.gguf" if tokenizer.kind == "gguf" else source.name
+    destination = directory / name
+    if not (destination.exists() and destination.resolve() == Path(source).resolve()):
+        with publish_file(destination) as scratch:
+            if tokenizer.kind == "gguf":
+                write_tokenizer_gguf(source, scratch)  # vocabulary only, not the whole model
+            else:
+                shutil.copyfile(source, scratch)
+    with publish_file(directory / "tokenizer.bin") as scratch:
+        scratch.write_bytes(build_tokenizer_bin(tokenizer))
+    return [destination, directory / "tokenizer.bin"]

@@ -18,15 +18,13 @@ pieces a pre-tokenizer splits off; pieces are the token's bytes; pairs merge by 
 (tiktoken) by the best score of the merged token (score = -rank).
 """
 
-import argparse
-import os
 import re
 import struct
-import tempfile
 from enum import IntEnum, IntFlag
 from pathlib import Path
 
 from torchat.errors import TorchatError, unknown_key_error
+from torchat.publish import write_file
 
 MAGIC = b"TORCHTOK"
 END_MAGIC = MAGIC[::-1]
@@ -60,41 +58,10 @@ GGUF_PRE = {"gpt-2": "gpt2", "gpt2": "gpt2", "smollm": "smollm", "starcoder": "s
 CHAT_FORMATS = {"none": 0, "chatml": 1, "llama3": 2, "llama2": 3}
 
 
-def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tokenizer-path", type=Path, help="tokenizer.model, tokenizer.json or a .gguf")
-    source.add_argument("--checkpoint-dir", type=Path, help="a converted checkpoint directory (its tokenizer)")
-    parser.add_argument("--tokenizer-kind", help="the tokenizer kind, detected when omitted")
-    parser.add_argument("--chat-format", choices=sorted(CHAT_FORMATS),
-                        help="the chat format the runner renders (default: read from the tokenizer)")
-    parser.add_argument("--output", "--output-path", dest="output", type=Path, required=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    from torchat.tokenizers import load_tokenizer
-
-    # a converted checkpoint directory holds one tokenizer file (tokenizer.model, tokenizer.json or tokenizer.gguf)
-    tokenizer = load_tokenizer(args.tokenizer_path or args.checkpoint_dir, args.tokenizer_kind)
-    data = build_tokenizer_bin(tokenizer, args.chat_format)
-    write_atomically(Path(args.output), data)
-    print(f"wrote {args.output} ({len(data) / 2**20:.1f} MiB, {tokenizer.kind}, {tokenizer.vocab_size} tokens)")
-    return 0
-
-
 def write_atomically(output: Path, data: bytes) -> None:
     if not output.parent.is_dir():
         raise TorchatError(f"{output.parent}: no such directory for --output")
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users' runners
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(output, data)
 
 
 # --- what each tokenizer kind becomes ----------------------------------------------------------------------
