@@ -10,11 +10,15 @@ import importlib
 import sys
 
 from torchat.errors import TorchatError
+from torchat.quiet import quiet_libraries
+from torchat.threads import prepare_for_pte, runs_pte
 
 # verb -> (module that defines add_arguments(parser, verb) and run(args) -> int, one line for `torchat --help`)
 VERBS: dict[str, tuple[str, str]] = {
     "generate": ("torchat.cli.generate", "complete a prompt (any model, checkpoint, target or artifact)"),
     "chat": ("torchat.cli.chat", "a multi-turn conversation in the model's chat format"),
+    "server": ("torchat.cli.server", "the OpenAI API and a chat page over any model, with batched decode"),
+    "browser": ("torchat.cli.server", "`server`, with its chat page opened in a web browser"),
     "eval": ("torchat.cli.eval", "perplexity and lm-eval tasks; the quality gate of `doit eval:TARGET`"),
     "bench": ("torchat.cli.bench", "prefill and decode speed, memory and size, against llama.cpp"),
     "export": ("torchat.cli.export", "lower a model to AOT Inductor (.pt2, .so) or ExecuTorch (.pte)"),
@@ -42,14 +46,6 @@ def _verb_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def runs_pte(argv: list[str]) -> bool:
-    """Does this command line run a .pte: a --pte-path flag, a .pte path, or an ExecuTorch build target?"""
-    from torchat.cli.flags import PTE_FLAGS
-
-    return any(arg in PTE_FLAGS or arg.startswith(tuple(f"{flag}=" for flag in PTE_FLAGS))
-               or arg.endswith((".pte", "-et")) for arg in argv[1:])
-
-
 class OneLineParser(argparse.ArgumentParser):
     """A usage mistake is one line (what is wrong and where to look), like every other torchat error."""
 
@@ -75,23 +71,13 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet(verbose: bool) -> None:
-    try:
-        from torchat.quiet import quiet_libraries
-    except ImportError:  # torchat.quiet arrives with the library-noise work
-        return
-    quiet_libraries(verbose)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = _verb_argv(list(sys.argv[1:] if argv is None else argv))
     verb = argv[0] if argv and argv[0] in VERBS else None
     if verb in IN_PROCESS_VERBS and runs_pte(argv):
-        from torchat.threads import prepare_for_pte
-
         prepare_for_pte()
     args = build_parser(verb).parse_args(argv)
-    _quiet(args.verbose)
+    quiet_libraries(args.verbose)
     try:
         return importlib.import_module(VERBS[args.verb][0]).run(args)
     except TorchatError as error:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torchat.errors import TorchatError
 from torchat.model_source import ModelSource
+from torchat.threads import PTE_FLAGS
 from torchat.vocabulary import Device, Dtype, dtype_name
 
 # --- value types: a bad value is one line naming the flag's rule ---------------------------------------------
@@ -45,7 +46,6 @@ def dtype(value: str) -> Dtype:
 
 ARTIFACT_FLAGS = ("aoti_package_path", "dso_path", "pte_path")
 CHECKPOINT_FLAGS = ("checkpoint_path", "checkpoint_dir", "gguf_path")
-PTE_FLAGS = ("--pte-path", "--pte")  # the process set-up for a .pte looks for these (torchat.cli)
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -72,7 +72,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = add_checkpoint_flags(parser)
     group.add_argument("--aoti-package-path", type=Path, help="an AOT Inductor package (.pt2)")
     group.add_argument("--dso-path", type=Path, help="an AOT Inductor shared library (.so)")
-    group.add_argument("--pte-path", "--pte", dest="pte_path", type=Path, help="an ExecuTorch program (.pte)")
+    group.add_argument(*PTE_FLAGS, dest="pte_path", type=Path, help="an ExecuTorch program (.pte)")
     group.add_argument("--tokenizer", "--tokenizer-kind", dest="tokenizer_kind",
                        help="tokenizer kind, detected when omitted (sentencepiece, tiktoken, hf, gguf)")
     group.add_argument("--tiktoken", dest="tokenizer_kind", action="store_const", const="tiktoken",

@@ -42,21 +42,24 @@ class StepInfo:
 
 # What each step runs besides its verb's module, as packages and files; tests/test_layering.py checks that these
 # cover every torchat module the verb imports (at any depth), so the lists cannot drift from the code.
+# what opening any model runs (torchat.model_source, reached through the verbs' shared flags), quant included: a
+# verb's code is all that its module can reach, and every model-opening verb can quantize
 _LOAD = ("torchat/model.py", "torchat/configs.py", "torchat/checkpoint", "torchat/model_source.py",
          "torchat/tokenizers", "torchat/exported.py", "torchat/kernels", "torchat/generate.py", "torchat/vocabulary.py",
-         "torchat/dtypes.py")
-_RUN = (*_LOAD, "torchat/quant")
+         "torchat/dtypes.py", "torchat/quant", "torchat/templates.py", "torchat/convert.py", "torchat/tokenizer_bin.py",
+         "torchat/cli/flags.py")
+_RUN = _LOAD
 STEPS: dict[Step, StepInfo] = {
     # a pinned sha256 fully determines a download's output: no toolchain; its code (the verb) only decides how
     Step.DOWNLOAD: StepInfo("download", "torchat/cli/manage.py", "the build-graph issue", ("torchat/sources.py",),
                             ()),
     Step.CONVERT: StepInfo("convert", "torchat/cli/convert.py", "the checkpoint-conversion work",
-                           (*_LOAD, "torchat/convert.py"),
+                           _LOAD,
                            ("torch", "safetensors", "gguf", "numpy", "sentencepiece", "tiktoken", "tokenizers")),
     Step.QUANTIZE: StepInfo("quantize", "torchat/cli/quantize.py", "the quantization issue",
-                            (*_LOAD, "torchat/quant", "torchat/assets.py"), ("torch", "torchao", "safetensors")),
+                            (*_LOAD, "torchat/assets.py"), ("torch", "torchao", "safetensors")),
     Step.BUILD: StepInfo("export", "torchat/cli/export.py", "the lowering issue (AOTI / ExecuTorch export)",
-                         (*_RUN, "torchat/lowering", "torchat/convert.py"), ("torch", "torchao")),
+                         (*_RUN, "torchat/lowering"), ("torch", "torchao")),
     Step.TOKENIZER: StepInfo("tokenizer-bin", "torchat/cli/tokenizer_bin.py", "the C++ runner issue (tokenizer.bin)",
                              ("torchat/tokenizers", "torchat/templates.py", "torchat/tokenizer_bin.py"),
                              ("sentencepiece", "tiktoken", "tokenizers")),
@@ -65,8 +68,8 @@ STEPS: dict[Step, StepInfo] = {
     Step.EVAL: StepInfo("eval", "torchat/cli/eval.py", "the evaluation issue", (*_RUN, "torchat/evaluation"),
                         ("torch", "torchao", "executorch", "lm-eval", "datasets")),
     Step.BENCH: StepInfo("bench", "torchat/cli/bench.py", "the benchmark issue",
-                         (*_RUN, "torchat/bench.py", "torchat/peers.py", "torchat/assets.py", "torchat/sources.py",
-                          "torchat/threads.py"),
+                         (*_RUN, "torchat/bench.py", "torchat/bench_jobs.py", "torchat/peers.py", "torchat/assets.py",
+                          "torchat/sources.py", "torchat/threads.py"),
                          ("torch", "torchao", "executorch")),
 }
 
