@@ -21,9 +21,18 @@ import sys
 PTE_ENVIRONMENT = {"OMP_NUM_THREADS": "1"}
 
 
+PTE_FLAGS = ("--pte-path", "--pte")  # the flag that names a .pte and the seed's spelling of it (torchat.cli.flags)
+
+
 def runs_pte(argv: list[str]) -> bool:
-    """Does this command line load a .pte (`--pte-path X` or `--pte-path=X`)?"""
-    return any(arg == "--pte-path" or arg.startswith("--pte-path=") for arg in argv)
+    """Does this command line run a .pte: `--pte-path X` (`--pte X`, `--pte-path=X`), a MODEL that is a .pte file,
+    or an ExecuTorch build target (MODEL-QUANT[-DTYPE]-et)? An output path is not run."""
+    for previous, arg in zip(["", *argv], argv):
+        if arg in PTE_FLAGS or arg.startswith(tuple(f"{flag}=" for flag in PTE_FLAGS)):
+            return True
+        if arg.endswith((".pte", "-et")) and not previous.startswith("--output"):
+            return True
+    return False
 
 
 def prepare_for_pte() -> bool:
