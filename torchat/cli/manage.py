@@ -1,4 +1,4 @@
-"""`torchat download|list|where|remove`, the model management verbs: `torchat download|list|where|remove`.
+"""`torchat download|list|where|remove`: the model management verbs.
 
 `download MODEL` publishes the model's files into the artifact store exactly as `doit download:MODEL` does
 (same key, same directory); with --output-dir it only fetches them there, which is what that step runs.
@@ -7,7 +7,6 @@ deletes a model's (or a target's) artifacts and, for a model, its cached downloa
 """
 
 import argparse
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from torchat import sources, spec, store
 from torchat.errors import TorchatError
 from torchat.sources import ALLOW_UNPINNED_ENV, check_pinned, fetch_model_files
+
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "download":
@@ -41,6 +41,11 @@ def _download(args, catalog: spec.Catalog) -> int:
         fetch_model_files(model, args.output_dir, allow)
         return 0
     check_pinned(model, allow)
+    if not model.pinned:
+        # pin on first use first (targets/pins.lock), so that the store keys the download by its digests
+        fetch_model_files(model, sources.cache_dir() / "models" / model.key, allow)
+        catalog = spec.load_catalog()
+        model = catalog.model(args.model)
     if allow:
         os.environ[ALLOW_UNPINNED_ENV] = "1"  # for the step's subprocess
     directory, manifest = store.realize(catalog.download_node(model))
@@ -115,8 +120,8 @@ def _remove_model(catalog: spec.Catalog, model: spec.ModelSpec) -> list[Path]:
             store.remove_artifact(directory)
             removed.append(directory)
     for f in model.all_files:
-        cached = sources.cache_dir() / "files" / (f.sha256 or hashlib.sha256(f.fetchable_source.encode()).hexdigest())
-        if cached.is_dir():
+        cached = sources.cache_dir() / "files" / f.sha256 if f.sha256 else None  # the cache is keyed by digest
+        if cached is not None and cached.is_dir():
             shutil.rmtree(cached)
             removed.append(cached)
     return removed
