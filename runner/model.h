@@ -41,6 +41,10 @@ class Model {
   ModelInfo info_;
 };
 
+// Whether the backend's own informational log lines reach stderr (-v); call before load_model. Its errors
+// always do, since they explain the one-line error that follows.
+void set_backend_verbose(bool verbose);
+
 // The artifact at `path`; throws RunnerError (a missing, foreign or corrupt file) with the file named.
 std::unique_ptr<Model> load_model(const std::string& path);
 

@@ -87,6 +87,9 @@ class AOTIModel : public Model {
 
 }  // namespace
 
+// libtorch logs nothing on a normal run of an AOTI artifact, so there is nothing for -v to switch on.
+void set_backend_verbose(bool) {}
+
 std::unique_ptr<Model> load_model(const std::string& path) {
   if (!ends_with(path, ".pt2") && !ends_with(path, ".so"))
     throw RunnerError(path + ": runner-aoti runs .pt2 or .so artifacts (`torchat export`); for .pte use runner-et");

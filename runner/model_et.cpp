@@ -6,6 +6,7 @@
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/platform/platform.h>
 
 #include <cstdio>
 #include <fstream>
@@ -67,6 +68,33 @@ class ETModel : public Model {
 };
 
 }  // namespace
+
+// ExecuTorch's logging goes through its platform layer (PAL), whose default writes every message to stderr; the
+// wheel's libraries are built with Info as the lowest level (ET_MIN_LOG_LEVEL is fixed when they are compiled, so
+// this project's compile definitions cannot lower it), hence `I ... cpuinfo_utils.cpp ...` on every run. The PAL's
+// log hook can be replaced at run time: ours passes errors on to the default writer and the rest only with -v.
+namespace {
+
+bool g_verbose = false;
+pal_emit_log_message_method g_default_emit = nullptr;  // the PAL default (posix: to stderr)
+
+void emit_log_message(et_timestamp_t timestamp, et_pal_log_level_t level, const char* filename,
+                      const char* function, size_t line, const char* message, size_t length) {
+  if (g_verbose || level == kError || level == kFatal) {
+    g_default_emit(timestamp, level, filename, function, line, message, length);
+  }
+}
+
+}  // namespace
+
+void set_backend_verbose(bool verbose) {
+  g_verbose = verbose;
+  if (g_default_emit == nullptr) {
+    g_default_emit = executorch::runtime::get_pal_impl()->emit_log_message;
+    if (g_default_emit == nullptr) g_default_emit = et_pal_emit_log_message;
+    executorch::runtime::register_pal(executorch::runtime::PalImpl::create(emit_log_message, __FILE__));
+  }
+}
 
 std::unique_ptr<Model> load_model(const std::string& path) {
   if (path.size() < 4 || path.compare(path.size() - 4, 4, ".pte") != 0)

@@ -1,11 +1,12 @@
 // run: generate or chat with an exported torchat model (runner-aoti: .pt2/.so, runner-et: .pte).
 //
-//   run MODEL -z tokenizer.bin -i "PROMPT" [-t 0.0] [-p 1.0] [-n 256] [-s SEED] [-m generate|chat] [-y SYSTEM]
+//   run MODEL -z tokenizer.bin -i "PROMPT" [-t 0.0] [-p 1.0] [-n 256] [-s SEED] [-m generate|chat] [-y SYSTEM] [-v]
 //
 // Generation follows torchat/generate.py step for step (one prefill of the prompt, then one token per call,
 // stopping at a stop id, after -n tokens or when the KV cache is full), so greedy ids equal the Python loader's.
 // Chat follows torchat/chat.py: each turn renders the whole conversation and prefills only what the KV cache
-// does not already hold. Errors are one line on stderr and a non-zero exit.
+// does not already hold. Errors are one line on stderr and a non-zero exit. stdout holds the text (each answer
+// ending in a newline); the stats line, and the backend's own log lines only with -v, go to stderr.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -37,7 +38,8 @@ const char kUsage[] =
     "  -s INT         random seed, default the time\n"
     "  -m MODE        generate (default) or chat\n"
     "  -y TEXT        chat: the system prompt\n"
-    "  -o FORMAT      text (default) or ids: each answer's generated ids (with the stop id), one line each\n";
+    "  -o FORMAT      text (default) or ids: each answer's generated ids (with the stop id), one line each\n"
+    "  -v, --verbose  also show the backend's informational log lines (ExecuTorch's `I 00:00:00.000 ...`)\n";
 
 struct Options {
   std::string model, tokenizer, prompt, mode = "generate", system, output = "text";
@@ -46,6 +48,7 @@ struct Options {
   int64_t steps = 256;
   uint64_t seed = 0;
   bool has_seed = false;
+  bool verbose = false;
 };
 
 [[noreturn]] void usage_error(const std::string& message) {
@@ -63,6 +66,11 @@ Options parse_options(int argc, char** argv) {
   o.model = argv[1];
   for (int i = 2; i < argc; i += 2) {
     std::string flag = argv[i];
+    if (flag == "-v" || flag == "--verbose") {  // the one flag without a value
+      o.verbose = true;
+      --i;
+      continue;
+    }
     if (flag.size() != 2 || flag[0] != '-') usage_error("unexpected argument '" + flag + "'");
     if (i + 1 >= argc) usage_error("flag " + flag + " needs a value");
     std::string value = argv[i + 1];
@@ -177,7 +185,10 @@ void run_generate(Model& model, const Tokenizer& tokenizer, Sampler& sampler, co
   generate(model, tokenizer, sampler, prompt, 0, o.steps, stats, [&](int32_t id) {
     if (o.output == "ids" || !tokenizer.is_stop(id)) print(id);
   });
+  // flushed now: a piped stdout is block-buffered, and the stats line written to stderr next would otherwise
+  // land before this newline wherever both streams go to one place ("...withachieved tok/s")
   std::printf("\n");
+  std::fflush(stdout);
 }
 
 void run_chat(Model& model, const Tokenizer& tokenizer, Sampler& sampler, const Options& o, Stats& stats) {
@@ -230,6 +241,7 @@ void run_chat(Model& model, const Tokenizer& tokenizer, Sampler& sampler, const 
 
 int run_main(int argc, char** argv) {
   Options o = parse_options(argc, argv);
+  set_backend_verbose(o.verbose);
   if (o.mode == "generate" && !o.has_prompt) usage_error("pass the prompt with -i TEXT");
   if (o.tokenizer.empty()) {
     size_t slash = o.model.rfind('/');
@@ -262,6 +274,7 @@ int run_main(int argc, char** argv) {
   // the first new token comes from the prefill; decode made the rest
   double decode_rate = stats.new_tokens > 1 ? (stats.new_tokens - 1) / std::max(stats.decode_s, 1e-9) : 0.0;
   double overall = stats.new_tokens / std::max(stats.prefill_s + stats.decode_s, 1e-9);
+  std::fflush(stdout);  // the text ends (with its newline) before the stats line starts
   std::fprintf(stderr,
                "achieved tok/s: %.2f (prompt %lld tok, prefill %.1f tok/s; "
                "generated %lld tok, decode %.2f tok/s; %s)\n",
