@@ -38,7 +38,9 @@ def convert_checkpoint(source: Path, output_dir: Path, fmt: str | None = None, a
     checkpoint = read_checkpoint(source, fmt, args)
     to = torch_dtype(dtype)
     checkpoint.state_dict = {k: v.to(to) for k, v in checkpoint.state_dict.items()}
-    checkpoint.metadata |= {"source": str(source), "dtype": str(dtype)}
+    # the file's name, not its path: the same checkpoint converts to the same bytes wherever it lies (a store
+    # names its inputs by their digests in the artifact's manifest)
+    checkpoint.metadata |= {"source": Path(source).name, "dtype": str(dtype)}
     output_dir = Path(output_dir)
     with publish_dir(output_dir) as tmp:
         write_canonical(checkpoint, tmp)

@@ -157,7 +157,7 @@ def step_command() -> list[str]:
     return shlex.split(override) if override else [sys.executable, "-m", "torchat"]
 
 
-def _run_verb(node: Node, dirs: dict[str, Path]) -> str:
+def _run_verb(node: Node, dirs: dict[str, Path]) -> None:
     if not os.environ.get("TORCHAT_STEP_CLI"):
         path = verb_code_path(node.verb)
         if path is None or not (REPO_ROOT / path).exists():
@@ -168,7 +168,14 @@ def _run_verb(node: Node, dirs: dict[str, Path]) -> str:
     if returncode != 0:
         raise TorchatError(f"`torchat {node.verb}` exited with status {returncode}; {node.task} was not built "
                            f"(command: {shlex.join(argv)})")
-    return shlex.join(["torchat", node.verb, *render_args(node, dirs)])
+
+
+def recorded_command(node: Node, dirs: dict[str, Path], final: Path) -> str:
+    """The step's command as the manifest records it: directories relative to the store, so that the same step
+    records the same command in any store (run it from the store's root)."""
+    root = artifacts_dir()
+    relative = {role: Path(d.relative_to(root)) for role, d in {**dirs, "out": final}.items()}
+    return shlex.join(["torchat", node.verb, *render_args(node, relative)])
 
 
 def _hash_outputs(directory: Path) -> dict[str, dict]:
@@ -217,12 +224,13 @@ def realize(node: Node) -> tuple[Path, dict]:
             sweep(final.parent, _temp_prefix(key[:16]))
             # an incomplete or tampered directory under the final name is replaced
             with publish_dir(final, _temp_prefix(key[:16])) as tmp:
-                command = _run_verb(node, {**dirs, "out": tmp})
+                _run_verb(node, {**dirs, "out": tmp})
                 outputs = _hash_outputs(tmp)
                 if not outputs:
                     raise TorchatError(f"`torchat {node.verb}` wrote nothing; {node.task} was not built")
                 manifest = {"format": FORMAT, "key": key, "step": str(node.step), "name": node.name,
-                            "model": node.model, "preimage": pre, "outputs": outputs, "command": command,
+                            "model": node.model, "preimage": pre, "outputs": outputs,
+                            "command": recorded_command(node, dirs, final),
                             "inputs": {r: d.relative_to(artifacts_dir()).as_posix() for r, d in dirs.items()},
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 _write_manifest(tmp, manifest)

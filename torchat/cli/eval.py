@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     opened = open_model(graph_source(args))
     # a compiled eval model sees many prompt lengths: its prefill compiles with dynamic shapes
     result = evaluate(opened.text_model, opened.tokenizer, args.tasks, args.limit, args.max_seq_length)
-    description = {k: v for k, v in opened.description.items() if k not in ("model_args", "path", "kind")}
+    # no "source"/"path": a path is where this store lies, not what was evaluated (build_key and label say that)
+    description = {k: v for k, v in opened.description.items() if k not in ("model_args", "path", "kind", "source")}
     result = {"label": args.label or description.pop("label"), "model": description, **result}
     if baseline is not None:
         result["gate"] = compare(result, baseline, args.max_degradation_pct)

@@ -60,7 +60,7 @@ def bake_quantized(checkpoint_dir: Path, specs: list[QuantSpec], dtype: str, out
     with torch.no_grad():
         report = quantize_model(model, specs, calibration, pack=False)
     state_dict, manifest = quantized_state(model, specs, report.to_dict())
-    manifest["source"] = str(checkpoint_dir)
+    manifest["source"] = checkpoint_dir.name  # a name, not a path: the bytes must not depend on where it lies
     metadata = {**checkpoint.metadata, "format": "torchat", "quant": [s.to_dict() for s in specs],
                 "dtype": report.dtype}
 

@@ -1,0 +1,90 @@
+"""Location independence: the same step with the same inputs gives the same key and byte-identical files in any
+store. The real verbs build download -> convert -> quantize (-> an eager build, which is the quantized checkpoint)
+on a random stories15M-shaped llama2.c checkpoint in two empty stores (other artifact, cache and frozen code
+directories), and every file of every step is compared byte for byte. A remote cache can only hit when this holds.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_dodo import copy_repo, doit_command, ran
+from test_store import graph_env, sha256
+
+from torchat import store
+
+# 8da4w, run eagerly: its build is the quantized checkpoint. A lowered build (tiny-8da4w-et) was byte-identical
+# too, but takes minutes a store on two cores
+TARGET = "tiny-8da4w-eager"
+CHAIN = {"download:tiny", "convert:tiny", "quantize:tiny-8da4w-bf16"}
+
+
+def write_tiny_llama2c_targets(root: Path, tokenizer: Path) -> Path:
+    """A targets dir with one random stories15M-shaped llama2.c checkpoint ("tiny") and the 8da4w preset."""
+    import torch
+
+    from torchat.checkpoint.base import expected_shapes
+    from torchat.configs import KNOWN_CONFIGS
+    from torchat.model import ModelArgs
+
+    args = ModelArgs(**KNOWN_CONFIGS["stories15M"])
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in expected_shapes(args).items()}
+    root.mkdir(parents=True)
+    torch.save({"model": state_dict, "model_args": {"dim": 288, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6,
+                                                    "vocab_size": 32000, "max_seq_len": 256}}, root / "tiny.pt")
+    shutil.copy(tokenizer, root / "tokenizer.model")
+    (root / "models.toml").write_text(
+        f'[tiny]\nconfig = "stories15M"\nformat = "llama2c"\nsource = "path:tiny.pt"\n'
+        f'sha256 = "{sha256((root / "tiny.pt").read_bytes())}"\n'
+        f'tokenizer = {{ source = "path:tokenizer.model", sha256 = "{store.sha256_file(tokenizer)}" }}\n')
+    (root / "quant.toml").write_text('[none]\nquant = {}\n\n[8da4w]\nquant = { "linear:a8w4dq" = { groupsize = 32 } }\n')
+    (root / "matrix.toml").write_text('[defaults]\nmodel = "tiny"\n\n[[matrix]]\nmodels = "*"\nquants = "*"\n'
+                                      'backends = ["et"]\n')
+    return root
+
+
+def store_files(artifacts: Path) -> dict[str, bytes]:
+    """Every published file under a store, by its path relative to the store (temporaries and locks left out)."""
+    return {p.relative_to(artifacts).as_posix(): p.read_bytes() for p in sorted(artifacts.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(artifacts).parts)}
+
+
+def without_local_facts(manifest: dict) -> dict:
+    """A manifest less what only says when and how a copy was written: its time and its files' mtimes."""
+    outputs = {name: {k: v for k, v in out.items() if k != "mtime_ns"} for name, out in manifest["outputs"].items()}
+    return {**{k: v for k, v in manifest.items() if k != "created"}, "outputs": outputs}
+
+
+@pytest.mark.slow
+def test_a_chain_built_in_two_stores_is_byte_identical(tmp_path, mistral_sentencepiece):
+    targets = write_tiny_llama2c_targets(tmp_path / "targets", mistral_sentencepiece)
+    stores = []
+    for side in ("one", "two"):
+        repo = copy_repo(tmp_path / side / "repo")  # a frozen copy: code digests enter the keys
+        env = {**graph_env(tmp_path / side), "TORCHAT_TARGETS_DIR": str(targets), "PYTHONPATH": str(repo)}
+        del env["TORCHAT_STEP_CLI"]  # the real verbs
+        (tmp_path / side).mkdir(exist_ok=True)
+        start = time.perf_counter()
+        result = subprocess.run(doit_command(env, f"build:{TARGET}", dodo=repo / "dodo.py"),
+                                env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        print(f"{side}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        assert CHAIN <= ran(result), result.stdout
+        stores.append(Path(env["TORCHAT_ARTIFACTS"]))
+    one, two = (store_files(s) for s in stores)
+    assert sorted(one) == sorted(two)  # the same keys: every directory name holds its key
+    manifests = [name for name in one if name.endswith("/" + store.MANIFEST)]
+    assert {name.split("/")[0] for name in manifests} == {"download", "convert", "quantize"}
+    for name in sorted(one):
+        if name in manifests:
+            assert without_local_facts(json.loads(one[name])) == without_local_facts(json.loads(two[name])), name
+        else:
+            assert one[name] == two[name], f"{name} differs between the two stores"
+    for name, data in one.items():  # nothing in any file names where either store (or the targets) lies
+        assert str(tmp_path).encode() not in data, f"{name} records a path of this machine"
