@@ -181,26 +181,22 @@ def _artifact_device(path: Path, metadata: ArtifactMetadata) -> torch.device:
 
 
 def load_llm_ops() -> None:
-    """Register the attention's ops: ExecuTorch's llama:: ops (their export forms and, for the pybindings runtime,
-    kernels) and torchat's kernels (torchat::sdpa)."""
+    """For exporting: ExecuTorch's llama:: ops with their export forms (the wheel's custom_ops module, which imports
+    Inductor), and every kernel a .pte calls, so that an exported program can run in the same process."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
 
-    from torchat.kernels import load_et_kernels
+    from torchat.kernels import load_pte_runtime
 
-    load_et_kernels()
+    load_pte_runtime()
 
 
 def _load_pte_module(path: Path):
-    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+    # the runtime and the kernel libraries only: running needs none of the export forms load_llm_ops registers
+    from torchat.kernels import load_pte_runtime
 
-    # registers the quantized_decomposed kernels (embedding_byte/4bit...) that quantized programs call;
-    # without them loading fails with error 0x14
-    import executorch.kernels.quantized  # noqa: F401
-
-    load_llm_ops()  # the attention's llama::update_cache and torchat::sdpa kernels
-
+    runtime = load_pte_runtime()
     try:
-        return _load_for_executorch(str(path))
+        return runtime._load_for_executorch(str(path))
     except RuntimeError as error:
         raise TorchatError(f"{path}: ExecuTorch cannot load it ({error}); re-export it with this torchat") from None
 

@@ -55,12 +55,16 @@ def pte_child_environment() -> dict:
 
 def pte_pool_size() -> int:
     """The threads of ExecuTorch's own pool, which run a .pte's work (XNNPACK and the attention)."""
-    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+    from torchat.kernels import et_pybindings  # the C extension alone, not the compiler portable_lib imports
+    from torchat.quiet import native_log_lines
 
-    return _threadpool_get_thread_count()
+    with native_log_lines():  # the first call starts the pool, which logs what it probes of the CPU
+        return et_pybindings()._threadpool_get_thread_count()
 
 
 def set_pte_pool_size(threads: int) -> None:
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from torchat.kernels import et_pybindings
+    from torchat.quiet import native_log_lines
 
-    _unsafe_reset_threadpool(threads)
+    with native_log_lines():  # the runtime logs the reset ("Resetting threadpool to N threads.")
+        et_pybindings()._unsafe_reset_threadpool(threads)

@@ -6,6 +6,11 @@ here with the machine's C++ compiler into one shared library, keyed by the sourc
 executorch's version and the CPU (it is built -march=native), and cached under the torchat cache. Loading it
 registers its kernels in the runtime's registry, where the pybindings find them. runner-et compiles the same
 sources into its binary (runner-et/CMakeLists.txt).
+
+`load_pte_runtime` is what running a .pte from Python needs, and nothing more: the pybindings' C extension and the
+kernel libraries, loaded directly. The wheel's Python wrappers around them pull in its compiler: `portable_lib`
+imports `executorch.exir` (for a warning class; ~6 s on 2 cores), the llm `custom_ops` module imports torch's
+Inductor lowering to register the ops' export-time forms. The exporter (torchat.lowering) still imports those.
 """
 
 import ctypes
@@ -17,11 +22,19 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 from torchat.errors import TorchatError
+from torchat.quiet import native_log_lines
 from torchat.sources import cache_dir
 
 SOURCES = [Path(__file__).with_name("et_sdpa.cpp")]
+# The wheel's kernel libraries that torchat's .pte programs call, as globs under the executorch package (the wheel's
+# own loaders glob the same way): the quantized_decomposed kernels (embedding_byte/4bit...; without them a
+# quantized program fails to load with error 0x14) and the LLM extension's llama::update_cache (and custom_sdpa,
+# which older artifacts attend with). Each also registers its ops' ATen forms with torch, which is why they are
+# loaded with torch.ops.load_library.
+PTE_KERNEL_LIBRARIES = ("kernels/quantized/*quantized_ops_aot_lib.*", "extension/llm/custom_ops/*custom_ops_aot_lib.*")
 # -ffast-math: glibc's vectorized expf (libmvec) for the softmax; the sources avoid infinities
 FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-march=native", "-shared", "-fPIC",
          "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL"]
@@ -84,12 +97,41 @@ def et_kernels_library() -> Path:
     return output
 
 
+def et_pybindings() -> ModuleType:
+    """The ExecuTorch pybindings' C extension (`_load_for_executorch`, the thread pool's controls), imported without
+    the `portable_lib` wrapper and the compiler it imports."""
+    import torch  # noqa: F401  (libtorch first: the extension links against it, as portable_lib says)
+    from executorch.extension.pybindings import _C
+
+    return _C
+
+
 @cache
 def load_et_kernels() -> Path:
     """Register torchat's kernels (torchat::sdpa.out) in the ExecuTorch runtime the pybindings use; once."""
-    # the pybindings first, so that the library binds to the runtime (and kernel registry) already loaded
-    import executorch.extension.pybindings.portable_lib  # noqa: F401
-
+    et_pybindings()  # first, so that the library binds to the runtime (and kernel registry) already loaded
     path = et_kernels_library()
     ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     return path
+
+
+@cache
+def load_pte_runtime() -> ModuleType:
+    """The pybindings' C extension with every kernel a torchat .pte calls registered (see the module docstring)."""
+    import torch
+
+    pybindings = et_pybindings()
+    root = _executorch_root()
+    for pattern in PTE_KERNEL_LIBRARIES:
+        found = sorted(root.glob(pattern))
+        if len(found) != 1:
+            raise TorchatError(f"{root}: expected one {pattern} in the executorch install, found {len(found)}; "
+                               "reinstall executorch (pip install -e . pins its version)")
+        # a library the wheel's own loader (executorch.kernels.quantized, custom_ops) already loaded is a no-op
+        torch.ops.load_library(found[0])
+    load_et_kernels()
+    # ExecuTorch's thread pool, started here rather than inside the first forward: it logs what it probes of the
+    # CPU when it starts, which native_log_lines keeps off the terminal of a CLI user who did not ask (-v)
+    with native_log_lines():
+        pybindings._threadpool_get_thread_count()
+    return pybindings
