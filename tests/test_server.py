@@ -47,12 +47,12 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "W
 class ServerProcess:
     """`python -m torchat server ARGS --port 0` until stopped; `url` once it listens, `lines` its stderr."""
 
-    def __init__(self, args: list[str], verb: str = "server"):
+    def __init__(self, args: list[str], verb: str = "server", env: dict | None = None):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torchat", verb, *args, "--host", "127.0.0.1", "--port", "0",
              "--stop-after", str(LIFETIME_S)],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.ready = threading.Event()
         self.url = None
@@ -95,8 +95,8 @@ class ServerProcess:
                 self.proc.wait(30)
 
 
-def start_server(request, args: list[str], verb: str = "server") -> ServerProcess:
-    server = ServerProcess(args, verb)
+def start_server(request, args: list[str], verb: str = "server", env: dict | None = None) -> ServerProcess:
+    server = ServerProcess(args, verb, env)
     request.addfinalizer(server.stop)
     return server
 
@@ -424,6 +424,27 @@ def test_a_host_beyond_loopback_needs_allow_remote():
     assert result.returncode == 1
     assert result.stderr.strip().endswith("pass --allow-remote as well if that is meant (and consider --api-key)")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_torchat_browser_opens_the_page(request, tiny_checkpoint, tmp_path):
+    """`torchat browser` serves as `server` does and hands the page's URL to the user's browser ($BROWSER here: a
+    script that writes down what it was asked to open)."""
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    browser.chmod(0o755)
+    server = start_server(request, ["--checkpoint-dir", str(tiny_checkpoint)], verb="browser",
+                          env={"BROWSER": str(browser)})
+    deadline = time.monotonic() + 60
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert opened.read_text().strip() == f"{server.url}/"
+    with urllib.request.urlopen(f"{server.url}/", timeout=30) as page:
+        html = page.read().decode()
+    assert '<script src="/static/chat.js">' in html
+    for asset in ("chat.js", "chat.css"):
+        with urllib.request.urlopen(f"{server.url}/static/{asset}", timeout=30) as response:
+            assert response.status == 200 and response.read()
 
 
 # --- load -------------------------------------------------------------------------------------------------------------
