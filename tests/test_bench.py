@@ -1,34 +1,15 @@
 """`torchat bench` produces well-formed results on a tiny model. A smoke test: no speed is asserted anywhere."""
 
 import json
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "lowering"))
-from lowering_fixtures import tiny_transformer  # noqa: E402
-
-from torchat.bench import (bench_prompt, ratios, render_markdown, seed_table,  # noqa: E402
-                           weight_bytes_per_token)
-from torchat.cli import main  # noqa: E402
-from torchat.configs import KNOWN_CONFIGS  # noqa: E402
+from torchat.bench import bench_prompt, ratios, render_markdown, seed_table, weight_bytes_per_token
+from torchat.cli import main
+from torchat.configs import KNOWN_CONFIGS
 
 FAST = ["--prompt-tokens", "12", "--new-tokens", "6", "--runs", "2", "--warmup-runs", "1",
         "--bandwidth-gb-s", "10", "--allow-contended"]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint_dir(tmp_path_factory, botchan_sp_models):
-    from torchat.checkpoint.base import Checkpoint
-    from torchat.checkpoint.canonical import write_canonical
-
-    directory = tmp_path_factory.mktemp("tiny-checkpoint")
-    model = tiny_transformer()
-    write_canonical(Checkpoint(dict(model.state_dict()), model.args, {}), directory)
-    shutil.copyfile(botchan_sp_models["bpe"], directory / "tokenizer.model")
-    return directory
 
 
 def check_stat(stat: dict, runs: int):
@@ -51,9 +32,9 @@ def check_result(result: dict, runs: int = 2):
                                                        rel=0.01, abs=1e-3)
 
 
-def test_bench_writes_json_markdown_and_plot(tiny_checkpoint_dir, tmp_path):
+def test_bench_writes_json_markdown_and_plot(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    assert main(["bench", "--checkpoint-dir", str(tiny_checkpoint_dir), "--modes", "eager", *FAST,
+    assert main(["bench", "--checkpoint-dir", str(tiny_checkpoint), "--modes", "eager", *FAST,
                  "--output-dir", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["bandwidth_gb_s"] == 10 and report["ratios"] == []
@@ -66,14 +47,14 @@ def test_bench_writes_json_markdown_and_plot(tiny_checkpoint_dir, tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_build_graph_form_reads_a_quantized_artifact(tiny_checkpoint_dir, tmp_path):
+def test_build_graph_form_reads_a_quantized_artifact(tiny_checkpoint, tmp_path):
     """`doit bench:TARGET` runs `torchat bench --artifact-dir D --checkpoint-dir C --backend B --output-dir OUT`."""
     from torchat.quant import bake_quantized, parse_quant
 
-    baked = bake_quantized(tiny_checkpoint_dir, parse_quant('{"linear:int8": {"group_size": 0}}'), "fp32",
+    baked = bake_quantized(tiny_checkpoint, parse_quant('{"linear:int8": {"group_size": 0}}'), "fp32",
                            tmp_path / "int8")
     out = tmp_path / "out"
-    assert main(["bench", "--artifact-dir", str(baked), "--checkpoint-dir", str(tiny_checkpoint_dir),
+    assert main(["bench", "--artifact-dir", str(baked), "--checkpoint-dir", str(tiny_checkpoint),
                  "--backend", "eager", "--modes", "eager", *FAST, "--output-dir", str(out)]) == 0
     [result] = json.loads((out / "bench.json").read_text())["results"]
     check_result(result)
@@ -127,14 +108,12 @@ def test_ratios_pair_each_precision_with_its_peer():
     assert "Ratios against the peer" in render_markdown(results)
 
 
-def test_a_pte_is_measured_on_executorchs_pool(tiny_checkpoint_dir, tmp_path):
+def test_a_pte_is_measured_on_executorchs_pool(tiny_checkpoint, tiny_artifacts, tmp_path):
     """A .pte's child runs with OpenMP on one thread and --threads sizing ExecuTorch's pool (torchat/threads.py),
     whose size the result reports."""
-    pte = tmp_path / "tiny.pte"
-    assert main(["export", "--checkpoint-dir", str(tiny_checkpoint_dir), "--max-seq-length", "32",
-                 "--output-pte-path", str(pte)]) == 0
     out = tmp_path / "out"
-    assert main(["bench", "--pte-path", str(pte), "--tokenizer-path", str(tiny_checkpoint_dir / "tokenizer.model"),
+    assert main(["bench", "--pte-path", str(tiny_artifacts[".pte"]),
+                 "--tokenizer-path", str(tiny_checkpoint / "tokenizer.gguf"),
                  "--threads", "1", *FAST, "--output-dir", str(out)]) == 0
     [result] = json.loads((out / "bench.json").read_text())["results"]
     check_result(result)

@@ -124,12 +124,12 @@ def test_piped_multi_turn_chat_on_the_default_model(smollm2):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flag,suffix", [("--aoti-package-path", ".pt2"), ("--pte-path", ".pte")])
-def test_the_same_conversation_gives_the_same_answers_from_an_exported_model(smollm2, smollm2_gguf, flag, suffix):
-    """Two turns piped into `torchat chat` on SmolLM2's fp32 artifact (cached by content hash, 128 positions)
+def test_the_same_conversation_gives_the_same_answers_from_an_exported_model(smollm2, smollm2_artifact, flag, suffix):
+    """Two turns piped into `torchat chat` on SmolLM2's fp32 artifact (the build graph's, from the artifact store)
     answer exactly as the eager model does given the whole conversation afresh."""
-    from smollm2_artifacts import cached_export
+    from torchat.exported import read_metadata
 
-    artifact, _ = cached_export(smollm2_gguf, suffix, ["--max-seq-length", "128"])
+    artifact = smollm2_artifact(suffix)
     model, tokenizer = smollm2
     turns, budget = TURNS[:2], 16
     result = subprocess.run([sys.executable, "-m", "torchat", "chat", flag, str(artifact), "--max-new-tokens",
@@ -142,5 +142,5 @@ def test_the_same_conversation_gives_the_same_answers_from_an_exported_model(smo
         expected.append(fresh_answer(model, tokenizer, messages, budget))
         messages.append({"role": "assistant", "content": expected[-1]})
     # the whole conversation fits the artifact's context, so no turn was dropped
-    assert len(render(tokenizer, "jinja", messages)) + budget <= 128
+    assert len(render(tokenizer, "jinja", messages)) + budget <= read_metadata(artifact).max_seq_len
     assert result.stdout == "".join(answer + "\n" for answer in expected)

@@ -14,21 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_model import TINY_CONTEXT, checkpoint_transformer
 
-sys.path.insert(0, str(Path(__file__).parent / "lowering"))
-from lowering_fixtures import MAX_SEQ_LEN, tiny_artifacts, tiny_checkpoint, tiny_transformer  # noqa: E402,F401
+from torchat.cli import main
+from torchat.errors import TorchatError
+from torchat.evaluation import evaluate
+from torchat.evaluation.tasks import DOC_WORDS, evaluation_documents, write_documents
+from torchat.generate import EagerModel, Sampling, generate
 
-from torchat.cli import main  # noqa: E402
-from torchat.errors import TorchatError  # noqa: E402
-from torchat.evaluation import evaluate  # noqa: E402
-from torchat.evaluation.tasks import DOC_WORDS, evaluation_documents, write_documents  # noqa: E402
-from torchat.generate import EagerModel, Sampling, generate  # noqa: E402
-from torchat.tokenizers import load_tokenizer  # noqa: E402
+# the shared tiny checkpoint's model and its KV cache: windows of 96 tokens, so that each document rolls
+MAX_SEQ_LEN = TINY_CONTEXT
 
 
 @pytest.fixture(scope="module")
-def tokenizer(botchan_sp_models):
-    return load_tokenizer(botchan_sp_models["bpe"])
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 class CountingModel:
@@ -58,10 +58,10 @@ def reference_log_likelihood(model, ids: list[int], prefix: int, window: int) ->
 
 def test_perplexity_equals_a_direct_computation_from_the_logits(tokenizer, tmp_path):
     """Word/byte perplexity and bits per byte through lm-eval and the adapter, against the definitions computed
-    here from the logits of an independent, cache-free pass; windows of 48 tokens make each document roll."""
-    counting = CountingModel(EagerModel(tiny_transformer(), MAX_SEQ_LEN))
+    here from the logits of an independent, cache-free pass; windows of 96 tokens make each document roll."""
+    counting = CountingModel(EagerModel(checkpoint_transformer(), MAX_SEQ_LEN))
     result = evaluate(counting, tokenizer, ["botchan"], limit=2, cache=tmp_path)
-    reference = tiny_transformer()  # the same seed: the same weights, no cache
+    reference = checkpoint_transformer()  # the same seed: the same weights, no cache
     docs = evaluation_documents()[:2]
     log_likelihood = sum(reference_log_likelihood(reference, tokenizer.encode_text(doc), tokenizer.bos_id,
                                                   MAX_SEQ_LEN) for doc in docs)
@@ -81,8 +81,8 @@ def test_perplexity_equals_a_direct_computation_from_the_logits(tokenizer, tmp_p
 def test_loglikelihood_and_greedy_flag_against_the_logits(tokenizer):
     from torchat.evaluation.adapter import TorchatLM
 
-    lm = TorchatLM(EagerModel(tiny_transformer(), MAX_SEQ_LEN), tokenizer)
-    reference = tiny_transformer()
+    lm = TorchatLM(EagerModel(checkpoint_transformer(), MAX_SEQ_LEN), tokenizer)
+    reference = checkpoint_transformer()
     context = tokenizer.encode_text("The school was a long way from the station")
     with torch.no_grad():  # the greedy continuation, one token at a time from full passes
         greedy = []
@@ -105,7 +105,7 @@ def test_string_requests_go_through_lm_evals_encoding(tokenizer):
 
     from torchat.evaluation.adapter import TorchatLM
 
-    lm = TorchatLM(EagerModel(tiny_transformer(), MAX_SEQ_LEN), tokenizer)
+    lm = TorchatLM(EagerModel(checkpoint_transformer(), MAX_SEQ_LEN), tokenizer)
     request = Instance("loglikelihood", {}, ("I went to the", " school"), 0)
     ((score, _),) = lm.loglikelihood([request])
     context, continuation = lm._encode_pair("I went to the", " school")
@@ -118,7 +118,7 @@ def test_generate_until_is_torchat_generate_cut_at_the_stop_string(tokenizer):
 
     from torchat.evaluation.adapter import TorchatLM
 
-    model = EagerModel(tiny_transformer(), MAX_SEQ_LEN)
+    model = EagerModel(checkpoint_transformer(), MAX_SEQ_LEN)
     prompt = "The head teacher said"
     ids = list(generate(model, tokenizer.encode_text(prompt), 12, Sampling(), tokenizer.stop_ids))
     full = tokenizer.decode([t for t in ids if t not in tokenizer.stop_ids])
@@ -202,11 +202,14 @@ def test_compiled_eager_gives_the_eager_perplexity(tiny_checkpoint, tmp_path):
 
 
 def test_usage_mistakes_are_one_line(tiny_checkpoint, capsys):
-    with pytest.raises(SystemExit):
-        main(["eval", "--checkpoint-dir", str(tiny_checkpoint), "--limit", "1.5"])
+    for flags, message in [(["--limit", "1.5"], "--limit '1.5'"), (["--artifact-dir", "x", "--backend", "tpu"],
+                                                                   "invalid choice: 'tpu'")]:
+        with pytest.raises(SystemExit) as refused:  # while parsing
+            main(["eval", "--checkpoint-dir", str(tiny_checkpoint), *flags])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and message in err and err.count("\n") == 1, err
     for flags, message in [(["--max-degradation-pct", "5"], "--max-degradation-pct needs --baseline-dir"),
-                           (["--artifact-dir", "x", "--backend", "tpu"], "--artifact-dir needs --backend, one of")]:
-        capsys.readouterr()
+                           (["--artifact-dir", "x"], "--artifact-dir needs --backend, one of")]:
         assert main(["eval", "--checkpoint-dir", str(tiny_checkpoint), *flags]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
@@ -215,8 +218,8 @@ def test_usage_mistakes_are_one_line(tiny_checkpoint, capsys):
 def test_a_window_longer_than_the_cache_is_refused(tokenizer):
     from torchat.evaluation.adapter import TorchatLM
 
-    with pytest.raises(TorchatError, match="beyond the model's KV cache of 48"):
-        TorchatLM(EagerModel(tiny_transformer(), MAX_SEQ_LEN), tokenizer, max_length=64)
+    with pytest.raises(TorchatError, match=f"beyond the model's KV cache of {MAX_SEQ_LEN}"):
+        TorchatLM(EagerModel(checkpoint_transformer(), MAX_SEQ_LEN), tokenizer, max_length=MAX_SEQ_LEN + 16)
 
 
 # --- the build graph: `doit eval:` with the real verbs on a small random model ------------------------------
@@ -296,8 +299,7 @@ def _gate_targets(root: Path, tokenizer_model: Path) -> None:
         '[broken]\nquant = { "linear:int4" = { groupsize = 256 }, embedding = { bitwidth = 4, groupsize = 32 } }\n'
         'max_degradation_pct = 1\n')
     (root / "matrix.toml").write_text(
-        '[defaults]\nmodel = "tiny"\n[backends.eager]\ndefault_dtype = "bf16"\n[backends.aoti]\n'
-        'default_dtype = "bf16"\n[backends.et]\ndefault_dtype = "fp32"\n[eval]\nlimit = 1\n'
+        '[defaults]\nmodel = "tiny"\n[eval]\nlimit = 1\n'
         '[[matrix]]\nmodels = "*"\nquants = "*"\nbackends = ["eager"]\n')
 
 
@@ -349,20 +351,17 @@ def test_doit_eval_fails_a_broken_preset_and_stores_the_passing_ones(tmp_path, m
 
 # --- SmolLM2: the fp32 exports evaluate as the eager model ----------------------------------------------------
 
-SMOLLM2_WINDOW = 128  # the lowering tests' export length: their hash-keyed artifacts are reused
+SMOLLM2_WINDOW = 128  # tokens per forward call, within every form's KV cache
 
 
 @pytest.mark.slow
-def test_smollm2_fp32_pt2_and_pte_give_the_eager_perplexity(smollm2_gguf, tmp_path):
-    """SmolLM2 eager, .pt2 and .pte (fp32, exported once and cached by content hash): relative difference of each
+def test_smollm2_fp32_pt2_and_pte_give_the_eager_perplexity(smollm2_gguf, smollm2_artifact, tmp_path):
+    """SmolLM2 eager, .pt2 and .pte (fp32, the build graph's artifacts from the store): relative difference of each
     metric <= 1e-3 on one document (about 600 tokens, five windows of 128)."""
-    from smollm2_artifacts import cached_export
-
     common = ["--limit", "1", "--max-seq-length", str(SMOLLM2_WINDOW)]
     forms = {"eager": ["--gguf-path", str(smollm2_gguf)]}
     for suffix, flag in ((".pt2", "--aoti-package-path"), (".pte", "--pte-path")):
-        artifact, _ = cached_export(smollm2_gguf, suffix, ["--max-seq-length", str(SMOLLM2_WINDOW)])
-        forms[suffix] = [flag, str(artifact)]
+        forms[suffix] = [flag, str(smollm2_artifact(suffix))]
     results = {}
     for form, flags in forms.items():
         assert main(["eval", *flags, *common, "--output-dir", str(tmp_path / form)]) == 0

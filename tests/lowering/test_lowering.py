@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_model import TINY_CHECKPOINT_ARGS, TINY_CONTEXT, checkpoint_transformer, tiny_transformer
 
-from lowering_fixtures import MAX_SEQ_LEN, TINY_ARGS, tiny_artifacts, tiny_checkpoint, tiny_transformer  # noqa: F401
 from torchat.cli import main
 from torchat.errors import TorchatError
 from torchat.exported import load_exported, read_metadata
@@ -18,7 +18,7 @@ SUFFIXES = [".pt2", ".so", ".pte"]
 
 
 def eager_model() -> EagerModel:
-    return EagerModel(tiny_transformer(), MAX_SEQ_LEN)
+    return EagerModel(checkpoint_transformer(), TINY_CONTEXT)
 
 
 def run_steps(model, steps):
@@ -39,7 +39,7 @@ def steps_from(start: int, prompt: torch.Tensor, decodes: list[int]):
 def test_prefill_and_decode_match_eager(tiny_artifacts, suffix):
     exported, eager = load_exported(tiny_artifacts[suffix]), eager_model()
     generator = torch.Generator().manual_seed(1)
-    full = torch.randint(0, TINY_ARGS["vocab_size"], (1, MAX_SEQ_LEN), generator=generator)
+    full = torch.randint(0, TINY_CHECKPOINT_ARGS["vocab_size"], (1, TINY_CONTEXT), generator=generator)
     # a long prompt, decodes, then a new generation from position 0 over stale cache slots, then a prompt
     # that fills the whole cache in one call, then a single-token prompt
     sequences = [steps_from(0, full[:, :29], [5, 17, 999]),
@@ -67,11 +67,12 @@ def test_greedy_tokens_match_eager(tiny_artifacts, suffix):
 def test_metadata_describes_the_artifact(tiny_artifacts, suffix):
     metadata = read_metadata(tiny_artifacts[suffix])
     assert metadata.backend == LOWERINGS[suffix].backend
-    assert metadata.model_args["dim"] == TINY_ARGS["dim"] and metadata.vocab_size == TINY_ARGS["vocab_size"]
-    assert (metadata.max_seq_len, metadata.dtype, metadata.device, metadata.quant) == (MAX_SEQ_LEN, "fp32",
+    assert metadata.model_args["dim"] == TINY_CHECKPOINT_ARGS["dim"]
+    assert metadata.vocab_size == TINY_CHECKPOINT_ARGS["vocab_size"]
+    assert (metadata.max_seq_len, metadata.dtype, metadata.device, metadata.quant) == (TINY_CONTEXT, "fp32",
                                                                                        "cpu", [])
-    assert (metadata.tokenizer_kind, metadata.tokenizer_file) == ("sentencepiece", "tokenizer.model")
-    assert (tiny_artifacts[suffix].parent / "tokenizer.model").is_file()
+    assert (metadata.tokenizer_kind, metadata.tokenizer_file) == ("gguf", "tokenizer.gguf")
+    assert (tiny_artifacts[suffix].parent / "tokenizer.gguf").is_file()
     assert len(metadata.build_key) == 64 and metadata.toolchain["torch"] == torch.__version__
 
 
@@ -84,8 +85,8 @@ def test_pte_constant_methods_for_a_cpp_runner(tiny_artifacts):
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     module = _load_for_executorch(str(tiny_artifacts[".pte"]))
-    assert module.run_method("get_max_seq_len", ())[0] == MAX_SEQ_LEN
-    assert module.run_method("get_vocab_size", ())[0] == TINY_ARGS["vocab_size"]
+    assert module.run_method("get_max_seq_len", ())[0] == TINY_CONTEXT
+    assert module.run_method("get_vocab_size", ())[0] == TINY_CHECKPOINT_ARGS["vocab_size"]
 
 
 def test_pte_runs_each_layer_as_one_xnnpack_call(tiny_artifacts):
@@ -101,7 +102,7 @@ def test_pte_runs_each_layer_as_one_xnnpack_call(tiny_artifacts):
     plan = next(plan for plan in program.execution_plan if plan.name == "forward")
     kinds = Counter(type(instruction.instr_args).__name__ for chain in plan.chains
                     for instruction in chain.instructions)
-    assert kinds["DelegateCall"] == TINY_ARGS["n_layers"] + 1
+    assert kinds["DelegateCall"] == TINY_CHECKPOINT_ARGS["n_layers"] + 1
     kernels = Counter(plan.operators[instruction.instr_args.op_index].name for chain in plan.chains
                       for instruction in chain.instructions if type(instruction.instr_args).__name__ == "KernelCall")
     assert not {"aten::mean", "aten::split_with_sizes_copy", "aten::slice_copy"} & set(kernels), kernels
@@ -109,14 +110,14 @@ def test_pte_runs_each_layer_as_one_xnnpack_call(tiny_artifacts):
 
 def test_pt2_metadata_visible_to_the_aoti_loader(tiny_artifacts):
     runner = torch._inductor.aoti_load_package(str(tiny_artifacts[".pt2"]))
-    assert runner.get_metadata()["max_seq_len"] == str(MAX_SEQ_LEN)
+    assert runner.get_metadata()["max_seq_len"] == str(TINY_CONTEXT)
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_positions_beyond_the_cache_are_refused(tiny_artifacts, suffix):
     exported = load_exported(tiny_artifacts[suffix])
     with pytest.raises(TorchatError, match="outside its KV cache"):
-        exported.forward(torch.tensor([[1]]), torch.tensor([MAX_SEQ_LEN]))
+        exported.forward(torch.tensor([[1]]), torch.tensor([TINY_CONTEXT]))
 
 
 def test_wrong_lowering_fails_the_export_and_publishes_nothing(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from lowering_fixtures import MAX_SEQ_LEN, export_tiny, tiny_checkpoint, tiny_transformer  # noqa: F401
+from tiny_model import TINY_CONTEXT, checkpoint_transformer
 
 from torchat.cli import main
 from torchat.exported import load_exported, read_metadata
@@ -24,16 +24,15 @@ SUPPORTED = [
 
 
 def eager_quantized(quant: dict) -> EagerModel:
-    model = tiny_transformer()
+    model = checkpoint_transformer()
     with torch.no_grad():
         quantize_model(model, parse_quant(json.dumps(quant)))
-    return EagerModel(model, MAX_SEQ_LEN)
+    return EagerModel(model, TINY_CONTEXT)
 
 
 @pytest.mark.parametrize("quant, suffix", SUPPORTED, ids=lambda v: v if isinstance(v, str) else "+".join(v))
-def test_quantized_artifact_reproduces_eager_quantized(tiny_checkpoint, tmp_path, quant, suffix):
-    output = tmp_path / f"model{suffix}"
-    export_tiny(tiny_checkpoint, output, "--quant", json.dumps(quant))
+def test_quantized_artifact_reproduces_eager_quantized(tiny_artifacts, quant, suffix):
+    output = tiny_artifacts.get(suffix, quant)
     exported, eager = load_exported(output), eager_quantized(quant)
     schemes = [spec.scheme for spec in parse_quant(json.dumps(quant))]
     assert [spec["scheme"] for spec in read_metadata(output).quant] == schemes

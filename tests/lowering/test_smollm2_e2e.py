@@ -1,18 +1,18 @@
 """SmolLM2-135M fp32 end to end: greedy 64 tokens identical across eager, AOTI and ExecuTorch, and the logits
 along that path within 1e-4 (AOTI) / 2e-4 (ExecuTorch) of eager, and each artifact about as far from exact
-arithmetic (the same model in float64) as eager fp32 itself is. The artifacts are cached by content hash
-(see smollm2_artifacts)."""
+arithmetic (the same model in float64) as eager fp32 itself is. The artifacts are the build graph's own
+(`doit build:smollm2-135m-none-fp32-aoti`, `...-fp32-et`), realized through the artifact store by their content key
+(tests/conftest.py smollm2_artifact), so a rerun with the same code exports nothing."""
 
 import pytest
 import torch
-from smollm2_artifacts import cached_export
 
 from torchat.checkpoint import build_model, read_checkpoint
 from torchat.exported import load_exported
 from torchat.generate import EagerModel, Sampling, generate
 from torchat.tokenizers import load_tokenizer
 
-MAX_SEQ_LEN = 128
+MAX_SEQ_LEN = 128  # the eager reference's KV cache: the prompt and 64 new tokens fit
 PROMPT = "The history of the printing press begins"
 NEW_TOKENS = 64
 # AOTI stays within 1e-4 (measured 4.0e-5 to 5.4e-5). XNNPACK's fp32 GEMMs accumulate in another order than
@@ -59,8 +59,8 @@ def teacher_forced_logits(model, prompt: list[int], tokens: list[int]) -> list[t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt2", ".pte"])
-def test_smollm2_fp32_artifact_matches_eager(smollm2_gguf, eager_run, exact_logits, suffix):
-    artifact, _ = cached_export(smollm2_gguf, suffix, ["--max-seq-length", str(MAX_SEQ_LEN)])
+def test_smollm2_fp32_artifact_matches_eager(smollm2_artifact, eager_run, exact_logits, suffix):
+    artifact = smollm2_artifact(suffix)
     prompt, eager_tokens, eager_logits = eager_run
     exported = load_exported(artifact)
     assert list(generate(exported, prompt, NEW_TOKENS, Sampling())) == eager_tokens
