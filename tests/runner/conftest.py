@@ -1,23 +1,18 @@
 """Fixtures for the C++ runner tests: the binaries (built once per source digest under $TORCHAT_CACHE by the same
-function `doit runner:BACKEND` runs), tokenizer.bin files, and a tiny model with SmolLM2's vocabulary exported to
-.pt2, .so and .pte (cached by content, see runner_fixtures)."""
+function `doit runner:BACKEND` runs) and tokenizer.bin files. The tiny model with SmolLM2's vocabulary and its
+.pt2, .so and .pte are the shared ones (tests/conftest.py)."""
 
-import hashlib
-import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from runner_fixtures import runner_for, write_tokenizer_bin  # noqa: F401 (runner_for: test_runner_output's import)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runner_fixtures import TINY_ARGS, TINY_MAX_SEQ_LEN, cached_export, tiny_checkpoint, write_tokenizer_bin  # noqa: E402
-
-from torchat import spec, store  # noqa: E402
-from torchat.runner_build import build_runner  # noqa: E402
-from torchat.sources import cache_dir  # noqa: E402
+from torchat import spec, store
+from torchat.runner_build import build_runner
+from torchat.sources import cache_dir
 
 
 def runner_cache_key(backend: str) -> str:
@@ -61,11 +56,6 @@ def runner_et() -> Path:
     return cached_runner("et") / "run"
 
 
-def runner_for(request, suffix: str) -> Path:
-    """The runner binary for an artifact suffix, built on first use (a test of .pte never builds runner-aoti)."""
-    return request.getfixturevalue("runner_et" if suffix == ".pte" else "runner_aoti")
-
-
 @pytest.fixture(scope="session")
 def tokenizer_bins(tmp_path_factory, smollm2_gguf, llama3_tiktoken, mistral_sentencepiece) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("tokenizer-bin")
@@ -74,24 +64,6 @@ def tokenizer_bins(tmp_path_factory, smollm2_gguf, llama3_tiktoken, mistral_sent
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint_dir(tmp_path_factory, smollm2_gguf) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-smollm-vocab"), smollm2_gguf)
-
-
-def tiny_export(checkpoint: Path, suffix: str, quant: dict | None = None) -> Path:
-    extra = ["--max-seq-length", str(TINY_MAX_SEQ_LEN)] + (["--quant", json.dumps(quant)] if quant else [])
-    what = {"args": TINY_ARGS, "seed": 0, "quant": quant}
-    name = "tiny" + ("-" + hashlib.sha256(json.dumps(quant).encode()).hexdigest()[:8] if quant else "")
-    return cached_export(name, what, ["--checkpoint-dir", str(checkpoint)], suffix, extra)
-
-
-@pytest.fixture(scope="session")
-def tiny_artifacts(tiny_checkpoint_dir) -> dict:
-    """suffix -> a function that exports (once, cached) the tiny model to that suffix."""
-    return {suffix: (lambda s=suffix: tiny_export(tiny_checkpoint_dir, s)) for suffix in (".pt2", ".so", ".pte")}
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer_bin(tmp_path_factory, tiny_checkpoint_dir) -> Path:
-    return write_tokenizer_bin(tiny_checkpoint_dir / "tokenizer.gguf",
+def tiny_tokenizer_bin(tmp_path_factory, tiny_checkpoint) -> Path:
+    return write_tokenizer_bin(tiny_checkpoint / "tokenizer.gguf",
                                tmp_path_factory.mktemp("tiny-tok") / "tokenizer.bin")

@@ -5,8 +5,8 @@ random one with SmolLM2's vocabulary; the slow tests run the real SmolLM2 in fp3
 import subprocess
 
 import pytest
-from conftest import runner_for, tiny_export
-from runner_fixtures import TINY_MAX_SEQ_LEN, python_greedy, run_runner, runner_ids, write_tokenizer_bin
+from runner_fixtures import python_greedy, run_runner, runner_for, runner_ids, write_tokenizer_bin
+from tiny_model import TINY_CONTEXT
 
 from torchat.tokenizers import load_tokenizer
 
@@ -14,14 +14,9 @@ PROMPT = "Hello, my name is"
 SUFFIXES = [".pt2", ".so", ".pte"]
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tiny_checkpoint_dir):
-    return load_tokenizer(tiny_checkpoint_dir / "tokenizer.gguf")
-
-
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_greedy_ids_equal_the_python_loader(request, tiny_artifacts, tiny_tokenizer, tiny_tokenizer_bin, suffix):
-    artifact = tiny_artifacts[suffix]()
+    artifact = tiny_artifacts[suffix]
     want = python_greedy(artifact, tiny_tokenizer, PROMPT, 40)
     assert runner_ids(runner_for(request, suffix), artifact, tiny_tokenizer_bin, "-i", PROMPT, "-n", "40") == [want]
 
@@ -29,10 +24,10 @@ def test_greedy_ids_equal_the_python_loader(request, tiny_artifacts, tiny_tokeni
 @pytest.mark.parametrize("suffix", [".pt2", ".pte"])
 def test_the_kv_cache_budget_ends_generation_as_python_does(request, tiny_artifacts, tiny_tokenizer,
                                                              tiny_tokenizer_bin, suffix):
-    artifact = tiny_artifacts[suffix]()
+    artifact = tiny_artifacts[suffix]
     want = python_greedy(artifact, tiny_tokenizer, PROMPT, 500)  # stops when the cache is full
     got = runner_ids(runner_for(request, suffix), artifact, tiny_tokenizer_bin, "-i", PROMPT, "-n", "500")
-    assert got == [want] and len(want) == TINY_MAX_SEQ_LEN - len(tiny_tokenizer.encode(PROMPT)) + 1
+    assert got == [want] and len(want) == TINY_CONTEXT - len(tiny_tokenizer.encode(PROMPT)) + 1
 
 
 @pytest.mark.parametrize("suffix", [".pt2", ".pte"])
@@ -42,7 +37,7 @@ def test_chat_turns_equal_the_python_chat_session(request, tiny_artifacts, tiny_
     from torchat.exported import load_exported
     from torchat.generate import Sampling
 
-    artifact = tiny_artifacts[suffix]()
+    artifact = tiny_artifacts[suffix]
     turns = ["Hi there!", "What is 12 + 30?", "Thanks."]
     session = ChatSession(load_exported(artifact), tiny_tokenizer, "jinja", Sampling(), 12, system="Be brief.")
     want = []
@@ -55,7 +50,7 @@ def test_chat_turns_equal_the_python_chat_session(request, tiny_artifacts, tiny_
 
 def test_text_output_is_the_prompt_then_the_decoded_completion(runner_et, tiny_artifacts, tiny_tokenizer,
                                                                tiny_tokenizer_bin):
-    artifact = tiny_artifacts[".pte"]()
+    artifact = tiny_artifacts[".pte"]
     ids = python_greedy(artifact, tiny_tokenizer, PROMPT, 20)
     result = run_runner(runner_et, artifact, tiny_tokenizer_bin, "-i", PROMPT, "-n", "20")
     assert result.returncode == 0
@@ -64,7 +59,7 @@ def test_text_output_is_the_prompt_then_the_decoded_completion(runner_et, tiny_a
 
 
 def test_seeded_sampling_repeats(runner_et, tiny_artifacts, tiny_tokenizer_bin):
-    artifact = tiny_artifacts[".pte"]()
+    artifact = tiny_artifacts[".pte"]
     args = ("-i", PROMPT, "-n", "30", "-t", "0.9", "-p", "0.9")
     first = runner_ids(runner_et, artifact, tiny_tokenizer_bin, *args, "-s", "7")
     assert runner_ids(runner_et, artifact, tiny_tokenizer_bin, *args, "-s", "7") == first
@@ -97,7 +92,7 @@ def test_a_corrupt_model(request, tiny_tokenizer_bin, tmp_path, suffix):
 
 
 def test_the_wrong_runner_for_the_artifact(runner_et, tiny_artifacts, tiny_tokenizer_bin):
-    assert_one_line_error(run_runner(runner_et, tiny_artifacts[".pt2"](), tiny_tokenizer_bin, "-i", "x"),
+    assert_one_line_error(run_runner(runner_et, tiny_artifacts[".pt2"], tiny_tokenizer_bin, "-i", "x"),
                           "runner-et runs .pte", "use runner-aoti")
 
 
@@ -105,32 +100,32 @@ def test_the_wrong_runner_for_the_artifact(runner_et, tiny_artifacts, tiny_token
 def test_a_corrupt_tokenizer_file(request, tiny_artifacts, tiny_tokenizer_bin, tmp_path, suffix):
     bad = tmp_path / "tokenizer.bin"
     bad.write_bytes(b"TORCHTOK" + (99).to_bytes(4, "little") + tiny_tokenizer_bin.read_bytes()[12:])
-    assert_one_line_error(run_runner(runner_for(request, suffix), tiny_artifacts[suffix](), bad, "-i", "x"),
+    assert_one_line_error(run_runner(runner_for(request, suffix), tiny_artifacts[suffix], bad, "-i", "x"),
                           "version 99", "torchat tokenizer-bin")
 
 
 @pytest.mark.parametrize("suffix", [".pt2", ".pte"])
 def test_another_models_tokenizer(request, tiny_artifacts, tokenizer_bins, suffix):
-    result = run_runner(runner_for(request, suffix), tiny_artifacts[suffix](), tokenizer_bins["llama3"], "-i", "x")
+    result = run_runner(runner_for(request, suffix), tiny_artifacts[suffix], tokenizer_bins["llama3"], "-i", "x")
     assert_one_line_error(result, "128256 tokens", "49152", "the model's own tokenizer.bin")
 
 
 @pytest.mark.parametrize("suffix", [".pt2", ".pte"])
 def test_a_prompt_longer_than_the_context(request, tiny_artifacts, tiny_tokenizer_bin, suffix):
-    prompt = "word " * (TINY_MAX_SEQ_LEN + 5)
-    result = run_runner(runner_for(request, suffix), tiny_artifacts[suffix](), tiny_tokenizer_bin, "-i", prompt)
-    assert_one_line_error(result, f"beyond the context of {TINY_MAX_SEQ_LEN} tokens")
+    prompt = "word " * (TINY_CONTEXT + 5)
+    result = run_runner(runner_for(request, suffix), tiny_artifacts[suffix], tiny_tokenizer_bin, "-i", prompt)
+    assert_one_line_error(result, f"beyond the context of {TINY_CONTEXT} tokens")
 
 
 def test_a_chat_message_longer_than_the_context(runner_et, tiny_artifacts, tiny_tokenizer_bin):
-    result = run_runner(runner_et, tiny_artifacts[".pte"](), tiny_tokenizer_bin, "-m", "chat", "-i",
-                        "word " * TINY_MAX_SEQ_LEN)
+    result = run_runner(runner_et, tiny_artifacts[".pte"], tiny_tokenizer_bin, "-m", "chat", "-i",
+                        "word " * TINY_CONTEXT)
     assert_one_line_error(result, "this message alone needs")
 
 
 @pytest.mark.parametrize("args", [["-n", "many"], ["-m", "poem"], ["-q", "1"], ["-t"], ["-p", "0"]])
 def test_usage_mistakes_exit_2(runner_et, tiny_artifacts, tiny_tokenizer_bin, args):
-    result = run_runner(runner_et, tiny_artifacts[".pte"](), tiny_tokenizer_bin, "-i", "x", *args)
+    result = run_runner(runner_et, tiny_artifacts[".pte"], tiny_tokenizer_bin, "-i", "x", *args)
     assert_one_line_error(result, "see run -h", code=2)
 
 
@@ -145,15 +140,15 @@ QUANTIZED = [(".pte", {"linear:a8w4dq": {"groupsize": 32}}),
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("suffix", "quant"), QUANTIZED, ids=[f"{s}-{'+'.join(q)}" for s, q in QUANTIZED])
-def test_quantized_artifacts_equal_their_python_loader(request, tiny_checkpoint_dir, tiny_tokenizer,
-                                                       tiny_tokenizer_bin, suffix, quant):
-    artifact = tiny_export(tiny_checkpoint_dir, suffix, quant)
+def test_quantized_artifacts_equal_their_python_loader(request, tiny_artifacts, tiny_tokenizer, tiny_tokenizer_bin,
+                                                       suffix, quant):
+    artifact = tiny_artifacts.get(suffix, quant)
     want = python_greedy(artifact, tiny_tokenizer, PROMPT, 32)
     assert runner_ids(runner_for(request, suffix), artifact, tiny_tokenizer_bin, "-i", PROMPT, "-n", "32") == [want]
 
 
 SMOLLM2_PROMPT = "The history of the printing press begins"
-SMOLLM2_MAX_SEQ_LEN = 128  # the flags tests/lowering/test_smollm2_e2e.py exports with: the cached artifacts are shared
+SMOLLM2_MAX_SEQ_LEN = 128  # the eager reference's KV cache: the prompt and 64 new tokens fit
 
 
 @pytest.fixture(scope="module")
@@ -169,22 +164,21 @@ def smollm2_eager_greedy(smollm2_gguf):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt2", ".pte"])
-def test_smollm2_fp32_greedy_64_equals_eager(request, smollm2_gguf, smollm2_eager_greedy, tokenizer_bins, suffix):
-    from smollm2_artifacts import cached_export
-
-    artifact, _ = cached_export(smollm2_gguf, suffix, ["--max-seq-length", str(SMOLLM2_MAX_SEQ_LEN)])
+def test_smollm2_fp32_greedy_64_equals_eager(request, smollm2_artifact, smollm2_eager_greedy, tokenizer_bins,
+                                             suffix):
+    artifact = smollm2_artifact(suffix)  # from the store: doit build:smollm2-135m-none-fp32-{aoti,et}
     got = runner_ids(runner_for(request, suffix), artifact, tokenizer_bins["smollm2"], "-i", SMOLLM2_PROMPT,
                      "-n", "64")
     assert len(smollm2_eager_greedy) == 64
     assert got == [smollm2_eager_greedy]
 
 
-def test_the_writer_step_and_the_runner_agree_on_a_tokenizer_in_a_checkpoint_dir(tiny_checkpoint_dir, tmp_path):
+def test_the_writer_step_and_the_runner_agree_on_a_tokenizer_in_a_checkpoint_dir(tiny_checkpoint, tmp_path):
     """`doit tokenizer:MODEL` runs `torchat tokenizer-bin --checkpoint-dir`: the converted directory's tokenizer."""
-    written = write_tokenizer_bin(tiny_checkpoint_dir / "tokenizer.gguf", tmp_path / "a.bin")
+    written = write_tokenizer_bin(tiny_checkpoint / "tokenizer.gguf", tmp_path / "a.bin")
     from torchat.cli import main
 
-    assert main(["tokenizer-bin", "--checkpoint-dir", str(tiny_checkpoint_dir), "--output-path",
+    assert main(["tokenizer-bin", "--checkpoint-dir", str(tiny_checkpoint), "--output-path",
                  str(tmp_path / "b.bin")]) == 0
     assert (tmp_path / "b.bin").read_bytes() == written.read_bytes()
 
@@ -193,7 +187,7 @@ def test_the_tokenizer_bin_beside_the_model_is_the_default(runner_et, tiny_artif
     import shutil
 
     model = tmp_path / "model.pte"
-    model.symlink_to(tiny_artifacts[".pte"]())
+    model.symlink_to(tiny_artifacts[".pte"])
     argv = [str(runner_et), str(model), "-i", PROMPT, "-n", "3"]
     assert_one_line_error(subprocess.run(argv, capture_output=True, text=True), "no tokenizer.bin beside")
     shutil.copyfile(tiny_tokenizer_bin, tmp_path / "tokenizer.bin")
