@@ -125,3 +125,12 @@ def test_a_seed_line_runs_as_written(smollm2_gguf, capsys):
 def test_naming_the_model_twice_is_one_line(smollm2_gguf, capsys):
     assert main(["generate", "smollm2-135m", "--gguf-path", str(smollm2_gguf)]) == 1
     assert "name the model once" in capsys.readouterr().err
+
+
+def test_export_writes_what_the_c_runner_reads_beside_the_artifact(tiny_artifacts, tmp_path, capsys):
+    """`doit build:...` and `torchat export` leave tokenizer.bin beside the model, so `run model.pte` needs no -z:
+    the same bytes `torchat tokenizer-bin` writes for the artifact's tokenizer."""
+    artifact = tiny_artifacts[".pte"]
+    assert main(["tokenizer-bin", "--tokenizer-path", str(artifact.parent / "tokenizer.gguf"), "--output",
+                 str(tmp_path / "tokenizer.bin")]) == 0
+    assert (artifact.parent / "tokenizer.bin").read_bytes() == (tmp_path / "tokenizer.bin").read_bytes()
