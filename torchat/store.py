@@ -9,7 +9,15 @@ holds that preimage and the sha256, size and mtime of every output.
 A directory counts as done only when its manifest parses, names the expected key and every output matches
 (size, then mtime, else a rehash). Steps run `python -m torchat VERB ...` into a temp directory beside the
 final one, under a per-key lock, and publish it by one rename (torchat.publish): a killed build leaves a `.tmp-*`
-directory that is never read and is swept by the next build of that key. Standard library only.
+directory that is never read and is swept by the next build of that key.
+
+With a remote cache configured (torchat.cache: $TORCHAT_REMOTE_CACHE or [cache] in the config file), a key
+missing here is looked up there first and, on a hit, downloaded into the temp directory, checked file by file
+against the remote manifest and published the same way, without running the step; in read-write mode a fresh
+build is uploaded before it is renamed into place. A remote that fails is one warning line and a local build.
+Nothing in an artifact depends on where a store lies (the manifest's command and inputs are store-relative), so
+keys and bytes agree between stores. Standard library only (torchat.cache.remote, which imports fsspec, is
+imported when a remote is configured).
 """
 
 import hashlib
@@ -33,6 +41,7 @@ FORMAT = 1
 _code_cache: dict[tuple[Path, str], dict[str, str]] = {}
 _version_cache: dict[str, str] = {}
 _found: dict[tuple[str, str], tuple[Path, dict]] = {}
+_remotes: dict[str, object] = {}  # a remote cache's settings -> its RemoteCache, or None once it failed here
 
 
 def artifacts_dir() -> Path:
@@ -112,14 +121,21 @@ def render_args(node: Node, dirs: dict[str, Path]) -> list[str]:
             for a in node.args]
 
 
-def preimage(node: Node) -> dict | None:
-    """What the node's key hashes; None while an input is not built (its outputs' digests are not known)."""
+def _local_manifest(node: Node) -> dict | None:
+    found = find(node)
+    return None if found is None else found[1]
+
+
+def preimage(node: Node, manifest_of=_local_manifest) -> dict | None:
+    """What the node's key hashes; None while an input is not built (its outputs' digests are not known).
+
+    manifest_of: an input node -> its artifact's manifest or None (default: the local store's)."""
     inputs = {}
     for role, dep in node.deps:
-        found = find(dep)
-        if found is None:
+        manifest = manifest_of(dep)
+        if manifest is None:
             return None
-        inputs[role] = {"step": str(dep.step), "outputs": {n: o["sha256"] for n, o in found[1]["outputs"].items()}}
+        inputs[role] = {"step": str(dep.step), "outputs": {n: o["sha256"] for n, o in manifest["outputs"].items()}}
     return {"format": FORMAT, "step": str(node.step), "verb": node.verb,
             "args": [_arg_for_key(a) for a in node.args], "spec": json.loads(node.spec), "inputs": inputs,
             "code": code_digests(node.code), "toolchain": toolchain_versions(node.toolchain)}
@@ -204,8 +220,87 @@ def remove_artifact(directory: Path) -> None:
     remove_dir(directory, _temp_prefix(directory.name[:16]))
 
 
-def realize(node: Node) -> tuple[Path, dict]:
-    """Build the node's artifact unless a complete one exists; raise TorchatError if the step fails."""
+def remote_cache():
+    """The configured remote cache (torchat.cache.remote.RemoteCache), opened once a process; None when none is
+    configured, or when it failed earlier in this process (the store said so once and builds locally)."""
+    from torchat.cache.config import load_cache_config
+
+    config = load_cache_config()
+    if config is None:
+        return None
+    if config.identity not in _remotes:
+        from torchat.cache.remote import RemoteCache
+
+        _remotes[config.identity] = RemoteCache(config)
+    return _remotes[config.identity]
+
+
+def _remote_failed(remote, error: Exception) -> None:
+    """One warning line, then no more tries of that remote in this process."""
+    _remotes[remote.config.identity] = None
+    print(f"torchat: warning: the remote cache is unavailable, building locally: {error}", file=sys.stderr)
+
+
+def _download(remote, node: Node, key: str, final: Path, dirs: dict[str, Path]) -> dict | None:
+    """Publish the remote entry of `key` at `final`, every file checked against its manifest, as if it had been
+    built here; None if the remote has no such entry. Raises RemoteUnavailable or EntryRefused."""
+    shared = remote.manifest(node.step, key)
+    if shared is None:
+        return None
+    with publish_dir(final, _temp_prefix(key[:16])) as tmp:
+        remote.download(shared, tmp, node.task)  # streamed, hashed and synced file by file
+        outputs = {n: {**out, "mtime_ns": (tmp / n).stat().st_mtime_ns} for n, out in shared["outputs"].items()}
+        manifest = {**shared, "name": node.name, "model": node.model, "outputs": outputs,
+                    "command": recorded_command(node, dirs, final),
+                    "inputs": {r: d.relative_to(artifacts_dir()).as_posix() for r, d in dirs.items()}}
+        _write_manifest(tmp, manifest)
+    return manifest
+
+
+def _pull(node: Node, key: str, final: Path, dirs: dict[str, Path], strict: bool) -> tuple[dict | None, frozenset]:
+    """The remote cache's entry for `key`, published at `final`: (its manifest, {}); on a miss (None, {}); on a
+    refused entry (None, the digests whose remote bytes are wrong: the upload after the local build repairs them).
+    A remote that fails is warned about once (strict: a failure or a refused entry raises TorchatError)."""
+    remote = remote_cache()
+    if remote is None:
+        return None, frozenset()
+    from torchat.cache.remote import EntryRefused, RemoteUnavailable
+
+    try:
+        manifest = _download(remote, node, key, final, dirs)
+    except (RemoteUnavailable, EntryRefused) as error:
+        if strict:
+            raise TorchatError(f"{node.task}: the remote cache's entry {key[:16]}: {error}") from None
+        if isinstance(error, RemoteUnavailable):
+            _remote_failed(remote, error)
+            return None, frozenset()
+        print(f"torchat: warning: {node.task}: refused the remote cache's entry {key[:16]} ({error}); building it "
+              f"here{' and repairing the entry' if remote.writable else ''}", file=sys.stderr)
+        return None, error.bad_blobs
+    if manifest is not None:
+        try:
+            remote.mark_used(node.step, key)
+        except RemoteUnavailable as error:
+            _remote_failed(remote, error)
+    return manifest, frozenset()
+
+
+def _push(directory: Path, manifest: dict, force: frozenset[str]) -> None:
+    """Upload a fresh build to the remote cache in read-write mode (files first, manifest last)."""
+    remote = remote_cache()
+    if remote is None or not remote.writable:
+        return
+    from torchat.cache.remote import RemoteUnavailable
+
+    try:
+        remote.upload(directory, manifest, force)
+    except RemoteUnavailable as error:
+        _remote_failed(remote, error)
+
+
+def realize(node: Node, build: bool = True) -> tuple[Path, dict]:
+    """Build the node's artifact unless a complete one exists here or in the remote cache; raise TorchatError if
+    the step fails. build=False: fetch it from the remote cache or fail, never run the step."""
     dirs = {}
     for role, dep in node.deps:
         found = find(dep)
@@ -219,10 +314,16 @@ def realize(node: Node) -> tuple[Path, dict]:
     final = artifact_dir(node, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     with locked(final.parent / f".lock-{key[:16]}"):
-        manifest = check_artifact(final, key)
+        manifest, repair = check_artifact(final, key), frozenset()
         if manifest is None:
             sweep(final.parent, _temp_prefix(key[:16]))
             # an incomplete or tampered directory under the final name is replaced
+            manifest, repair = _pull(node, key, final, dirs, strict=not build)
+        if manifest is None and not build:
+            remote = remote_cache()
+            where = f"the remote cache {remote.url}" if remote else "any remote cache: none is configured"
+            raise TorchatError(f"{node.task} ({key[:16]}) is not in {where}; build it with `doit {node.task}`")
+        if manifest is None:
             with publish_dir(final, _temp_prefix(key[:16])) as tmp:
                 _run_verb(node, {**dirs, "out": tmp})
                 outputs = _hash_outputs(tmp)
@@ -234,6 +335,7 @@ def realize(node: Node) -> tuple[Path, dict]:
                             "inputs": {r: d.relative_to(artifacts_dir()).as_posix() for r, d in dirs.items()},
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 _write_manifest(tmp, manifest)
+                _push(tmp, manifest, repair)  # before the rename: a build killed while uploading is built again
     _found[node.step, node.name] = final, manifest
     return final, manifest
 

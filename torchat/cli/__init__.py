@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "list": ("torchat.cli.manage", "the catalog's models and targets, and what the store holds"),
     "where": ("torchat.cli.manage", "the store directory of a model's or target's artifact"),
     "remove": ("torchat.cli.manage", "delete a model's or target's artifacts from the store"),
+    "cache": ("torchat.cli.cache", "the remote artifact cache: status, push, pull TARGET, ls, verify, gc"),
 }
 
 # the seed's flag form: `torchat --generate ...` == `torchat generate ...`
