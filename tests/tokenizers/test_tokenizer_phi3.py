@@ -6,6 +6,9 @@ with `common_tokenize(ctx, text, add_special=false, parse_special=false)`: no BO
 
 The file types `<unk>` CONTROL and 53 `[PAD32011]`... tokens UNKNOWN; sentencepiece wants exactly one UNKNOWN
 piece and refused it ("unk is already defined") until the loader retyped them as llama.cpp treats them.
+
+The tokenizer loader reads the key-value section itself (read_gguf_metadata) rather than through gguf.GGUFReader,
+which takes seconds on a vocabulary; the last tests check it against the `gguf` package on this file and SmolLM2's.
 """
 
 from pathlib import Path
@@ -13,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from torchat.assets import fetch_asset
+from torchat.errors import TorchatError
 from torchat.tokenizers import load_tokenizer
-from torchat.tokenizers.gguf import CONTROL, UNKNOWN, load_gguf_tokenizer, read_gguf, sentencepiece_types
+from torchat.tokenizers.gguf import (CONTROL, UNKNOWN, load_gguf_tokenizer, read_gguf, read_gguf_metadata,
+                                     sentencepiece_types)
 
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -86,3 +91,22 @@ def test_sentencepiece_types_keep_one_unknown():
     assert sentencepiece_types([CONTROL, 1, UNKNOWN, UNKNOWN], unk_id=0) == [UNKNOWN, 1, CONTROL, CONTROL]
     assert sentencepiece_types([UNKNOWN, 1, 6], unk_id=0) == [UNKNOWN, 1, 6]  # the usual file: unchanged
     assert sentencepiece_types([1, UNKNOWN, UNKNOWN], unk_id=None) == [1, UNKNOWN, CONTROL]
+
+
+@pytest.mark.parametrize("asset", ["phi3-vocab-gguf", "smollm2-135m-gguf"])
+def test_metadata_reader_agrees_with_the_gguf_package(asset):
+    path = fetch_asset(asset)
+    reference = {key: field.contents() for key, field in read_gguf(path).fields.items()
+                 if not key.startswith("GGUF.")}  # the reader's own header fields
+    ours = read_gguf_metadata(path)
+    assert ours.keys() == reference.keys()
+    for key, value in reference.items():
+        assert ours[key] == value and type(ours[key]) is type(value), key
+
+
+def test_a_truncated_vocabulary_is_not_readable(phi3_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(phi3_gguf.read_bytes()[:300_000])  # inside the tokens array
+    with pytest.raises(TorchatError, match="not a readable GGUF file") as error:
+        load_gguf_tokenizer(cut)
+    assert str(cut) in str(error.value)

@@ -7,16 +7,20 @@ Two vocabulary kinds (`tokenizer.ggml.model`), each handed to the library that r
   sentencepiece ModelProto and loaded in the sentencepiece library.
 """
 
+import mmap
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gguf
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from torchat.errors import TorchatError, unknown_key_error
 from torchat.tokenizers.hf import HFTokenizer
 from torchat.tokenizers.sentencepiece import SentencePieceTokenizer, load_processor
+
+if TYPE_CHECKING:
+    import gguf
 
 # llama.cpp's token types (llama_token_type), which are also sentencepiece's piece types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -46,21 +50,14 @@ IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
 
 
 class GGUFVocab:
-    """The tokenizer metadata of one GGUF file, read with the `gguf` package."""
+    """The tokenizer metadata of one GGUF file: key -> value (str, int, float, bool or a list of them)."""
 
-    def __init__(self, path: Path, reader: gguf.GGUFReader):
+    def __init__(self, path: Path, metadata: dict):
         self.path = path
-        self.reader = reader
+        self.metadata = metadata
 
     def get(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            return field.contents()
-        except UnicodeDecodeError as error:
-            raise TorchatError(f"{self.path}: GGUF metadata {key} is not valid UTF-8 ({error.reason}); the file is "
-                               "damaged, fetch it again") from None
+        return self.metadata.get(key, default)
 
     def require(self, key: str):
         value = self.get(key)
@@ -74,7 +71,10 @@ class GGUFVocab:
         return None if value is None or value < 0 else int(value)
 
 
-def read_gguf(path: Path) -> gguf.GGUFReader:
+def read_gguf(path: Path) -> "gguf.GGUFReader":
+    """The whole file through the `gguf` package (tensors included); a tokenizer needs only read_gguf_metadata."""
+    import gguf
+
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, struct.error, IndexError) as error:
@@ -82,9 +82,88 @@ def read_gguf(path: Path) -> gguf.GGUFReader:
                            "--tokenizer-path") from None
 
 
-def load_gguf_tokenizer(path: Path, reader: gguf.GGUFReader | None = None) -> HFTokenizer | SentencePieceTokenizer:
+def _not_readable(path: Path, why: str) -> TorchatError:
+    return TorchatError(f"{path}: not a readable GGUF file ({why}); fetch it again or pass another --tokenizer-path")
+
+
+def _reader_metadata(path: Path, reader: "gguf.GGUFReader") -> dict:
+    metadata = {}
+    for key, field in reader.fields.items():
+        try:
+            metadata[key] = field.contents()
+        except UnicodeDecodeError as error:
+            raise TorchatError(f"{path}: GGUF metadata {key} is not valid UTF-8 ({error.reason}); the file is "
+                               "damaged, fetch it again") from None
+    return metadata
+
+
+# --- the key-value section, read with struct --------------------------------------------------------------------
+# gguf.GGUFReader makes a numpy view of every element of every array, some 250k for SmolLM2's 49152 tokens and
+# 48900 merges: 2-7 s per load here, after `import torch` the largest part of a .pte's cold start. A tokenizer needs
+# only the key-value section, read here directly (~0.1 s). Layout (GGUF v2 and v3, little-endian): b"GGUF", u32
+# version, u64 tensor count, u64 key count, then per key a string (u64 length, UTF-8 bytes), a u32 value type and
+# the value; an array is a u32 item type, a u64 count and the items.
+
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read_string(buffer, offset: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", buffer, offset)
+    end = offset + 8 + length
+    if end > len(buffer):
+        raise struct.error("a string runs past the end of the file")
+    return str(buffer[offset + 8:end], "utf-8"), end
+
+
+def _read_value(buffer, offset: int, kind: int):
+    if kind in _SCALAR_FORMATS:
+        layout = struct.Struct("<" + _SCALAR_FORMATS[kind])
+        return layout.unpack_from(buffer, offset)[0], offset + layout.size
+    if kind == _STRING:
+        return _read_string(buffer, offset)
+    if kind == _ARRAY:
+        item, count = struct.unpack_from("<IQ", buffer, offset)
+        offset += 12
+        if item in _SCALAR_FORMATS:
+            layout = struct.Struct(f"<{count}{_SCALAR_FORMATS[item]}")
+            return list(layout.unpack_from(buffer, offset)), offset + layout.size
+        values = []
+        for _ in range(count):
+            value, offset = _read_value(buffer, offset, item)
+            values.append(value)
+        return values, offset
+    raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    """Every key of a GGUF file's key-value section -> its value (lists for arrays); the tensors are not read."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            if buffer[:4] != b"GGUF":
+                raise _not_readable(path, "no GGUF magic")
+            (version,) = struct.unpack_from("<I", buffer, 4)
+            if version not in (2, 3):
+                raise _not_readable(path, f"GGUF version {version}; torchat reads versions 2 and 3")
+            (count,) = struct.unpack_from("<Q", buffer, 16)
+            metadata, offset = {}, 24
+            for _ in range(count):
+                key, offset = _read_string(buffer, offset)
+                (kind,) = struct.unpack_from("<I", buffer, offset)
+                try:
+                    metadata[key], offset = _read_value(buffer, offset + 4, kind)
+                except UnicodeDecodeError as error:
+                    raise TorchatError(f"{path}: GGUF metadata {key} is not valid UTF-8 ({error.reason}); the file "
+                                       "is damaged, fetch it again") from None
+            return metadata
+    except (ValueError, OSError, struct.error, UnicodeDecodeError) as error:  # mmap of an empty file: ValueError
+        raise _not_readable(path, str(error) or type(error).__name__) from None
+
+
+def load_gguf_tokenizer(path: Path, reader: "gguf.GGUFReader | None" = None) -> HFTokenizer | SentencePieceTokenizer:
     """The tokenizer of a GGUF; pass `reader` to reuse one the checkpoint loader already opened."""
-    vocab = GGUFVocab(path, reader if reader is not None else read_gguf(path))
+    metadata = _reader_metadata(path, reader) if reader is not None else read_gguf_metadata(path)
+    vocab = GGUFVocab(path, metadata)
     model = vocab.require("tokenizer.ggml.model")
     if model not in GGUF_VOCABS:
         raise TorchatError(f"{path}: {unknown_key_error('GGUF tokenizer.ggml.model', model, GGUF_VOCABS)}")
