@@ -74,7 +74,7 @@ def bake_quantized(checkpoint_dir: Path, specs: list[QuantSpec], dtype: str, out
         for path in tokenizer_files:
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
-        if not tokenizer_path and checkpoint.metadata.get("format") == "gguf":
+        if not tokenizer_path and checkpoint_dir.is_file() and checkpoint.metadata.get("format") == "gguf":
             from torchat.convert import write_tokenizer_gguf
 
             write_tokenizer_gguf(checkpoint_dir, tmp / "tokenizer.gguf")  # a GGUF's vocabulary, not its tensors
