@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_store import graph_env, sha256, stub_calls, write_tiny_targets
+from test_store import graph_env, stub_calls, write_tiny_targets
+from tiny_model import write_stories_targets
 
 from torchat import spec, store
 
@@ -210,27 +211,8 @@ def test_clean_and_info(env, tmp_path):
 
 
 def test_real_download_and_convert(tmp_path, frozen_repo, mistral_sentencepiece):
-    """The real verbs on a random stories15M-shaped llama2.c checkpoint (needs the lead's `torchat convert`)."""
-    import torch
-
-    from torchat.checkpoint.base import expected_shapes
-    from torchat.configs import KNOWN_CONFIGS
-    from torchat.model import ModelArgs
-
-    args = ModelArgs(**KNOWN_CONFIGS["stories15M"])
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in expected_shapes(args).items()}
-    targets = tmp_path / "targets"
-    targets.mkdir()
-    torch.save({"model": state_dict, "model_args": {"dim": 288, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6,
-                                                    "vocab_size": 32000, "max_seq_len": 256}},
-               targets / "tiny.pt")
-    shutil.copy(mistral_sentencepiece, targets / "tokenizer.model")
-    (targets / "models.toml").write_text(
-        f'[tiny]\nconfig = "stories15M"\nformat = "llama2c"\nsource = "path:tiny.pt"\n'
-        f'sha256 = "{sha256((targets / "tiny.pt").read_bytes())}"\n'
-        f'tokenizer = {{ source = "path:tokenizer.model", sha256 = "{store.sha256_file(mistral_sentencepiece)}" }}\n')
-    (targets / "quant.toml").write_text("[none]\nquant = {}\n")
+    """The real verbs on a random stories15M-shaped llama2.c checkpoint."""
+    targets = write_stories_targets(tmp_path / "targets", mistral_sentencepiece)
     shutil.copy(spec.REPO_ROOT / "targets" / "matrix.toml", targets / "matrix.toml")
     (targets / "matrix.toml").write_text((targets / "matrix.toml").read_text().replace(
         'model = "smollm2-135m"', 'model = "tiny"').replace('models = ["smollm2-135m"]', 'models = ["tiny"]'))

@@ -8,10 +8,9 @@ a catalog model in a private targets dir (TORCHAT_TARGETS_DIR), so the store's g
 """
 
 import json
-import shutil
 
 import pytest
-import torch
+from tiny_model import write_stories_targets
 
 from torchat import spec, store
 from torchat.cli import build_parser, main
@@ -37,28 +36,9 @@ def toml_table(value) -> str:
 @pytest.fixture(scope="module")
 def tiny_catalog(tmp_path_factory, mistral_sentencepiece):
     """A targets dir declaring `tiny` (llama2.c file, pinned) and one preset per scheme; the store beside it."""
-    from torchat.checkpoint.base import expected_shapes
-    from torchat.configs import KNOWN_CONFIGS
-    from torchat.model import ModelArgs
-    from torchat.publish import sha256_file
-
     root = tmp_path_factory.mktemp("catalog")
-    targets = root / "targets"
-    targets.mkdir()
-    args = ModelArgs(**KNOWN_CONFIGS["stories15M"])
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {k: torch.randn(shape, generator=generator) * 0.05 for k, shape in expected_shapes(args).items()}
-    torch.save({"model": state_dict, "model_args": {"dim": 288, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6,
-                                                    "vocab_size": 32000, "max_seq_len": 256}}, targets / "tiny.pt")
-    shutil.copy(mistral_sentencepiece, targets / "tokenizer.model")
-    (targets / "models.toml").write_text(
-        f'[tiny]\nconfig = "stories15M"\nformat = "llama2c"\nsource = "path:tiny.pt"\n'
-        f'sha256 = "{sha256_file(targets / "tiny.pt")}"\n'
-        f'tokenizer = {{ source = "path:tokenizer.model", sha256 = "{sha256_file(mistral_sentencepiece)}" }}\n')
-    (targets / "quant.toml").write_text("[none]\nquant = {}\n" + "".join(
-        f'\n["{name}"]\nquant = {toml_table(quant)}\n' for name, quant in QUANTS.items()))
-    (targets / "matrix.toml").write_text('[defaults]\nmodel = "tiny"\n\n[[matrix]]\nmodels = "*"\nquants = "*"\n'
-                                         'backends = ["eager"]\n')
+    write_stories_targets(root / "targets", mistral_sentencepiece,
+                          {name: toml_table(quant) for name, quant in QUANTS.items()}, '["eager"]', std=0.05)
     return root
 
 

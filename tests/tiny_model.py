@@ -57,3 +57,36 @@ def write_tiny_checkpoint(directory: Path, tokenizer: Path, model: Transformer) 
     else:
         shutil.copyfile(tokenizer, directory / tokenizer.name)
     return directory
+
+
+def write_stories_targets(root: Path, tokenizer: Path, presets: dict[str, str] | None = None,
+                          backends: str = '"*"', std: float = 0.02) -> Path:
+    """A targets dir declaring one catalog model, `tiny`: a random llama2.c checkpoint of stories15M's shape (a
+    known config, so the catalog takes it) with `tokenizer` beside it, both pinned; `presets` maps a preset name to
+    its quant as a TOML inline table ("none" = {} always), the matrix builds every preset on `backends`."""
+    import hashlib
+
+    from torchat.checkpoint.base import expected_shapes
+    from torchat.configs import KNOWN_CONFIGS
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    args = ModelArgs(**KNOWN_CONFIGS["stories15M"])
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {k: torch.randn(shape, generator=generator) * std for k, shape in expected_shapes(args).items()}
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state_dict, "model_args": {"dim": args.dim, "n_layers": args.n_layers,
+                                                    "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+                                                    "vocab_size": args.vocab_size, "max_seq_len": args.max_seq_len}},
+               root / "tiny.pt")
+    shutil.copyfile(tokenizer, root / "tokenizer.model")
+    (root / "models.toml").write_text(
+        f'[tiny]\nconfig = "stories15M"\nformat = "llama2c"\nsource = "path:tiny.pt"\n'
+        f'sha256 = "{digest(root / "tiny.pt")}"\n'
+        f'tokenizer = {{ source = "path:tokenizer.model", sha256 = "{digest(root / "tokenizer.model")}" }}\n')
+    presets = {"none": "{}", **(presets or {})}
+    (root / "quant.toml").write_text("".join(f'["{name}"]\nquant = {quant}\n\n' for name, quant in presets.items()))
+    (root / "matrix.toml").write_text(f'[defaults]\nmodel = "tiny"\n\n[[matrix]]\nmodels = "*"\nquants = "*"\n'
+                                      f'backends = {backends}\n')
+    return root

@@ -3,7 +3,7 @@
     torchat eval [MODEL | TARGET | PATH | --checkpoint-dir D | --gguf-path F] [--compile] [--quant JSON]
     torchat eval --aoti-package-path m.pt2 | --dso-path m.so | --pte-path m.pte
     --max-seq-length N: tokens per forward call (rolling windows, context cut); default the exported
-    artifact's KV cache, or 2048 (within the model's context) for a checkpoint
+    artifact's KV cache, or the default cache length (torchat.vocabulary) for a checkpoint
     torchat eval ... --tasks botchan,hellaswag --limit 20 --max-seq-length 1024 --output-dir OUT
     torchat eval --table                      # the eval results in the artifact store, one table
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torchat.cli.flags import add_model_flags, model_source
 from torchat.errors import TorchatError
-from torchat.vocabulary import BACKENDS, DEFAULT_MAX_SEQ_LEN, Backend
+from torchat.vocabulary import BACKENDS, Backend
 
 
 def _tasks(value: str) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torchat.cli.flags import add_model_flags, model_source
 from torchat.errors import TorchatError
-from torchat.vocabulary import BACKENDS, DEFAULT_MAX_SEQ_LEN
+from torchat.vocabulary import DEFAULT_MAX_SEQ_LEN
 
 # the output flags: one per suffix a backend writes
 OUTPUT_FLAGS = {"output_aoti_package_path": ".pt2", "output_dso_path": ".so", "output_pte_path": ".pte"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from torchat.errors import TorchatError
 from torchat.model_source import ModelSource
 from torchat.threads import PTE_FLAGS
-from torchat.vocabulary import Device, Dtype, dtype_name
+from torchat.vocabulary import DEFAULT_MAX_SEQ_LEN, Device, Dtype, dtype_name
 
 # --- value types: a bad value is one line naming the flag's rule ---------------------------------------------
 
@@ -85,8 +85,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quant", "--quantize", dest="quant",
                      help="quantize first: JSON or a file holding it, e.g. '{\"linear:int4\": {\"group_size\": 32}}'")
     run.add_argument("--max-seq-length", type=positive_int, default=None,
-                     help="the KV cache (context) length (default: an exported model's own; 2048 within the model's "
-                          "context for a checkpoint)")
+                     help=f"the KV cache (context) length (default: an exported model's own; {DEFAULT_MAX_SEQ_LEN} "
+                          "within the model's context for a checkpoint)")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("--compile-prefill", "--compile_prefill", dest="compile_prefill", action="store_true",
                      help="torch.compile the prefill too (dynamic shapes)")
