@@ -113,13 +113,22 @@ def test_the_seed_pte_spelling_sets_up_the_process_as_pte_path_does():
 
 
 def test_a_seed_line_runs_as_written(smollm2_gguf, capsys):
-    """The seed's quantized generate line, for real, on the default model (int8, a few tokens)."""
-    assert main(["generate", "--checkpoint-path", str(smollm2_gguf), "--prompt", "Hello, my name is", "--quant",
-                 '{"linear:int8" : {"bitwidth": 8, "group_size": 0}}', "--device", "cpu",
-                 "--max-new-tokens", "4"]) == 0
+    """The seed's quantized generate line, for real, on the default model (int8, a few tokens): the same greedy
+    text as `torchat eval`'s model of the same source (the SmolLM2 end-to-end case of tests/test_model_source.py)."""
+    from test_model_source import greedy_text
+
+    quant = '{"linear:int8" : {"bitwidth": 8, "group_size": 0}}'
+    prompt = "Once upon a time there was"
+    assert main(["generate", "--checkpoint-path", str(smollm2_gguf), "--prompt", prompt, "--quant", quant,
+                 "--device", "cpu", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr()
-    assert out.out.startswith("Hello, my name is") and len(out.out) > len("Hello, my name is\n")
     assert "decode" in out.err
+    from torchat.cli.eval import graph_source
+    from torchat.model_source import open_model
+
+    reference = open_model(graph_source(build_parser("eval").parse_args(
+        ["eval", "--checkpoint-path", str(smollm2_gguf), "--quant", quant])))
+    assert out.out == greedy_text(reference) and len(out.out) > len(prompt) + 1
 
 
 def test_naming_the_model_twice_is_one_line(smollm2_gguf, capsys):

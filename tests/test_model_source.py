@@ -23,7 +23,7 @@ QUANTS = {
     "int8": {"linear:int8": {"bitwidth": 8, "group_size": 0}},
     "int4": {"linear:int4": {"groupsize": 32}},
     "8da4w": {"linear:8da4w": {"group_size": 32}},
-    "gptq": {"linear:gptq": {"group_size": 32, "calibration_limit": 2, "calibration_seq_length": 64}},
+    "gptq": {"linear:gptq": {"group_size": 32, "calibration_limit": 1, "calibration_seq_length": 32}},
 }
 
 
