@@ -207,8 +207,9 @@ def calls(env: dict) -> list[str]:
 def published(env: dict) -> dict[str, bytes]:
     """Every output file of every artifact in the store (manifests aside), by its store-relative path."""
     root = Path(env["TORCHAT_ARTIFACTS"])
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != store.MANIFEST and not any(s.startswith(".") for s in p.relative_to(root).parts)}
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != store.MANIFEST]
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 def manifests(env: dict) -> dict[str, dict]:
@@ -329,14 +330,12 @@ def test_two_stores_building_one_key_at_once_end_with_one_consistent_entry(remot
 
 
 def _tampered(manifest: dict, how: str) -> dict:
-    if how == "escape":
-        (name, out), = manifest["outputs"].items()
-        return {**manifest, "outputs": {"../../escaped.pt2": out}}
-    if how == "absolute":
-        (name, out), = manifest["outputs"].items()
-        return {**manifest, "outputs": {"/tmp/torchat-escaped.pt2": out}}
+    (out,) = manifest["outputs"].values()
+    if how in ("escape", "absolute"):
+        return {**manifest, "outputs": {"../../escaped.pt2" if how == "escape" else "/tmp/torchat-escaped.pt2": out}}
     # the key stays, the preimage says something else: the entry claims to be what it is not
-    return {**manifest, "preimage": {**manifest["preimage"], "spec": {**manifest["preimage"]["spec"], "max_seq_len": 1}}}
+    spec_ = {**manifest["preimage"]["spec"], "max_seq_len": 1}
+    return {**manifest, "preimage": {**manifest["preimage"], "spec": spec_}}
 
 
 @pytest.mark.parametrize("how", ["escape", "absolute", "preimage"])
@@ -353,8 +352,13 @@ def test_an_entry_with_files_outside_it_or_a_key_that_is_not_its_preimages_is_re
     assert "refused" in line and ("outside its directory" in line if how != "preimage" else "preimage" in line), line
     assert not list(tmp_path.rglob("escaped.pt2")) and not Path("/tmp/torchat-escaped.pt2").exists()
     assert published(two) == published(one)
-    assert b"escaped" in remote.objects()[name] or how == "preimage"  # read-only: left as it was
+    assert remote.objects()[name] == json.dumps(_tampered(manifest, how)).encode()  # read-only: left as it was
     assert "1 bad" in run_cache(two, "verify", check=False).stdout
+    three = store_env(tmp_path / "three", targets, frozen_repo, remote, mode="read-write")
+    assert "repairing the entry" in warnings(run_doit(three, f"build:{TARGET}"))[0]
+    _, repaired = remote.entry("build")
+    assert (repaired["preimage"], repaired["outputs"]) == (manifest["preimage"], manifest["outputs"])
+    assert "4 entries, 0 bad" in run_cache(three, "verify").stdout
 
 
 def test_credentials_never_appear_in_logs_manifests_or_errors(s3_remote, targets, frozen_repo, tmp_path):

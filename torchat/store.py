@@ -235,10 +235,10 @@ def remote_cache():
     return _remotes[config.identity]
 
 
-def _remote_failed(remote, error: Exception) -> None:
+def _remote_failed(remote, error: Exception, then: str = "building locally") -> None:
     """One warning line, then no more tries of that remote in this process."""
     _remotes[remote.config.identity] = None
-    print(f"torchat: warning: the remote cache is unavailable, building locally: {error}", file=sys.stderr)
+    print(f"torchat: warning: the remote cache is unavailable, {then}: {error}", file=sys.stderr)
 
 
 def _download(remote, node: Node, key: str, final: Path, dirs: dict[str, Path]) -> dict | None:
@@ -281,7 +281,7 @@ def _pull(node: Node, key: str, final: Path, dirs: dict[str, Path], strict: bool
         try:
             remote.mark_used(node.step, key)
         except RemoteUnavailable as error:
-            _remote_failed(remote, error)
+            _remote_failed(remote, error, "going on without it")
     return manifest, frozenset()
 
 
@@ -295,7 +295,7 @@ def _push(directory: Path, manifest: dict, force: frozenset[str]) -> None:
     try:
         remote.upload(directory, manifest, force)
     except RemoteUnavailable as error:
-        _remote_failed(remote, error)
+        _remote_failed(remote, error, "keeping the build here only (`torchat cache push` uploads it later)")
 
 
 def realize(node: Node, build: bool = True) -> tuple[Path, dict]:

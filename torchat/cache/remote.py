@@ -18,24 +18,33 @@ repair by uploading again). Transport failures (down, slow: the timeouts, denied
 a message scrubbed of secrets; the store then builds locally.
 """
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 
 from torchat.cache.config import CacheConfig, redact
 from torchat.errors import TorchatError
-from torchat.publish import fsync
+from torchat.publish import fsync, sha256_file
 
 LAYOUT = "v1"
 MANIFEST_FORMAT = 1             # torchat.store.FORMAT, whose manifests these are
 STREAM_CHUNK = 8 << 20          # bytes a read or an upload part moves at once: memory stays bounded
 MAX_MANIFEST_BYTES = 64 << 20
+S3_SCHEMES = ("s3", "s3a")
+TRANSFER_READ_TIMEOUT = 300.0   # seconds an upload's or download's request may wait for the server (s3)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# per driver: s3fs uploads in parts of `chunksize` held in memory, `max_concurrency` at once (a file under two
+# parts in one read), an object appearing only when whole; its get_file streams one GET unless told to split it
+# into concurrent ranged parts, each held in memory
+_PUT_OPTIONS = {"s3": {"chunksize": STREAM_CHUNK, "max_concurrency": 4}}
+_GET_OPTIONS = {"s3": {"max_concurrency": 1}}
 
 
 class RemoteUnavailable(Exception):
@@ -108,13 +117,30 @@ def _progress(total: int, label: str):
                 disable=not sys.stderr.isatty() or total < STREAM_CHUNK)
 
 
-def _driver_options(config: CacheConfig) -> dict:
+def _short(got: str) -> str:
+    return got[:16] if _SHA256.fullmatch(got) else got
+
+
+def _callback(bar):
+    """An fsspec callback that moves a tqdm bar by the bytes a driver reports."""
+    from fsspec.callbacks import Callback
+
+    start = bar.n
+
+    class Progress(Callback):
+        def call(self, *args, **kwargs):
+            bar.update(start + self.value - bar.n)
+
+    return Progress()
+
+
+def _driver_options(config: CacheConfig, read_timeout: float) -> dict:
     """The driver's options, with torchat's timeouts for the drivers that take them."""
     options = dict(config.options)
-    if config.url.split("://")[0] in ("s3", "s3a"):
+    if config.url.split("://")[0] in S3_SCHEMES:
         # botocore's own retries times s3fs's (5 each by default) make a dead endpoint cost minutes; two of each
         # still ride out a dropped connection
-        kwargs = {"connect_timeout": config.timeout, "read_timeout": config.timeout,
+        kwargs = {"connect_timeout": config.timeout, "read_timeout": read_timeout,
                   "retries": {"max_attempts": 2, "mode": "standard"}}
         options["config_kwargs"] = {**kwargs, **options.get("config_kwargs", {})}
         options.setdefault("skip_instance_cache", True)  # the retries are set on the instance below
@@ -130,14 +156,22 @@ class RemoteCache:
 
         self.config = config
         try:
-            self.fs, root = fsspec.core.url_to_fs(config.url, **_driver_options(config))
+            self.fs, root = fsspec.core.url_to_fs(config.url, **_driver_options(config, config.timeout))
+            # transfers get a longer read timeout: completing a multipart upload of a large file, or the first
+            # byte of one, may take the server minutes; a down or slow remote shows in the lookups first
+            self.bulk = self.fs
+            if config.url.split("://")[0] in S3_SCHEMES:
+                long = max(config.timeout, TRANSFER_READ_TIMEOUT)
+                self.bulk = fsspec.core.url_to_fs(config.url, **_driver_options(config, long))[0]
         except (ImportError, ValueError) as error:
             raise TorchatError(f"{config.origin} {config.url}: {redact(str(error))} (pip install s3fs for s3://, "
                                "gcsfs for gs://)") from None
-        if hasattr(self.fs, "retries"):
-            self.fs.retries = 2
+        for fs in (self.fs, self.bulk):
+            if hasattr(fs, "retries"):
+                fs.retries = 2
         self.root = f"{root.rstrip('/')}/{LAYOUT}"
         self.local = isinstance(self.fs, LocalFileSystem)
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
 
     @property
     def url(self) -> str:
@@ -156,6 +190,9 @@ class RemoteCache:
     def used_path(self, step: str, key: str) -> str:
         return f"{self.root}/used/{step}/{key}"
 
+    def _unavailable(self, what: str, error: Exception) -> RemoteUnavailable:
+        return RemoteUnavailable(f"{self.url}: {what} failed ({type(error).__name__}: {redact(str(error))[:300]})")
+
     def _io(self, what: str, call, *args, **kwargs):
         """Run one driver call; a missing object stays FileNotFoundError, any other failure is RemoteUnavailable."""
         try:
@@ -163,8 +200,15 @@ class RemoteCache:
         except FileNotFoundError:
             raise
         except Exception as error:  # the drivers' failures have no common base (botocore's, aiohttp's, OSError)
-            raise RemoteUnavailable(f"{self.url}: {what} failed ({type(error).__name__}: "
-                                    f"{redact(str(error))[:300]})") from None
+            raise self._unavailable(what, error) from None
+
+    def _write(self, what: str, call, *args, **kwargs):
+        """Run one writing driver call: any failure, a "missing" one too (an upload the server lost), is
+        RemoteUnavailable."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:  # as in _io
+            raise self._unavailable(what, error) from None
 
     # reading
 
@@ -203,8 +247,29 @@ class RemoteCache:
                 bar.update(len(chunk))
         return hasher.hexdigest() if seen == size else f"{seen} bytes"
 
+    def _fetch(self, digest: str, size: int, destination: Path | None, bar) -> str:
+        """Fetch a blob into `destination` (None: only hash it); its sha256, or what is wrong ("missing", "N
+        bytes"). Raises RemoteUnavailable."""
+        try:
+            if self.local:  # read in place, hashed as it streams
+                with open(destination, "wb") if destination else contextlib.nullcontext() as sink:
+                    return self._stream_blob(digest, size, sink, bar)
+            actual = self._io("looking up a file", self.fs.size, self.blob_path(digest))
+            if actual != size:
+                return f"{actual} bytes"
+            # an object store: the driver's get_file streams one GET to disk (reads of a few KiB), far cheaper than
+            # a ranged request per chunk; the file is hashed once it is there
+            with tempfile.TemporaryDirectory() if destination is None else contextlib.nullcontext() as scratch:
+                target = destination or Path(scratch) / digest
+                self._io("downloading a file", self.bulk.get_file, self.blob_path(digest), str(target),
+                         callback=_callback(bar), **_GET_OPTIONS.get(self.protocol, {}))
+                got = target.stat().st_size
+                return sha256_file(target) if got == size else f"{got} bytes"
+        except FileNotFoundError:
+            return "missing"
+
     def download(self, manifest: dict, directory: Path, label: str = "") -> None:
-        """Every file of the entry into `directory` (synced), each checked against the manifest as it streams.
+        """Every file of the entry into `directory` (synced), each checked against the manifest's size and sha256.
         Raises EntryRefused naming every file that differs (and RemoteUnavailable)."""
         outputs = manifest["outputs"]
         bad, reasons = set(), []
@@ -212,15 +277,10 @@ class RemoteCache:
             for name, out in sorted(outputs.items()):
                 destination = directory / check_output_name(name)
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    with open(destination, "wb") as sink:
-                        got = self._stream_blob(out["sha256"], out["size"], sink, bar)
-                except FileNotFoundError:
-                    got = "missing"
+                got = self._fetch(out["sha256"], out["size"], destination, bar)
                 if got != out["sha256"]:
                     bad.add(out["sha256"])
-                    reasons.append(f"{name} is {got[:16] if len(got) == 64 else got}, its manifest says "
-                                   f"{out['sha256'][:16]}")
+                    reasons.append(f"{name} is {_short(got)}, its manifest says {out['sha256'][:16]}")
                 else:
                     fsync(destination)
         if bad:
@@ -232,14 +292,10 @@ class RemoteCache:
         for name, out in sorted(manifest["outputs"].items()):
             digest = out["sha256"]
             if digest not in checked:
-                try:
-                    with _progress(out["size"], name) as bar:
-                        checked[digest] = self._stream_blob(digest, out["size"], None, bar)
-                except FileNotFoundError:
-                    checked[digest] = "missing"
+                with _progress(out["size"], name) as bar:
+                    checked[digest] = self._fetch(digest, out["size"], None, bar)
             if checked[digest] != digest:
-                problems.append(f"{name}: {checked[digest][:16] if len(checked[digest]) == 64 else checked[digest]}"
-                                f", expected {digest[:16]}")
+                problems.append(f"{name}: {_short(checked[digest])}, expected {digest[:16]}")
         return problems
 
     def entries(self) -> list[tuple[str, str, dict | EntryRefused]]:
@@ -257,8 +313,7 @@ class RemoteCache:
             if isinstance(data, FileNotFoundError):
                 continue  # removed since the listing
             if isinstance(data, Exception):
-                raise RemoteUnavailable(f"{self.url}: reading entries failed ({type(data).__name__}: "
-                                        f"{redact(str(data))[:300]})")
+                raise self._unavailable("reading entries", data)
             try:
                 entries.append((step, key, self._parse(data, step, key)))
             except EntryRefused as refused:
@@ -298,8 +353,7 @@ class RemoteCache:
             fsync(Path(tmp))
             os.replace(tmp, path)
         except OSError as error:
-            raise RemoteUnavailable(f"{self.url}: writing a file failed ({type(error).__name__}: "
-                                    f"{redact(str(error))[:300]})") from None
+            raise self._unavailable("writing a file", error) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -313,22 +367,14 @@ class RemoteCache:
                         bar.update(len(chunk))
             self._put_local(path, copy)
             return
-        from fsspec.callbacks import Callback
-
-        class Progress(Callback):
-            def call(self, *args, **kwargs):
-                bar.update(self.value - bar.n + start)
-
-        start = bar.n
-        # s3fs uploads in parts of `chunksize` (a whole-file read below 2 parts), an object appearing when whole
-        options = {"chunksize": STREAM_CHUNK, "max_concurrency": 4} if "s3" in self.fs.protocol else {}
-        self._io("uploading a file", self.fs.put_file, str(local), path, callback=Progress(), **options)
+        self._write("uploading a file", self.bulk.put_file, str(local), path, callback=_callback(bar),
+                 **_PUT_OPTIONS.get(self.protocol, {}))
 
     def _put_bytes(self, data: bytes, path: str) -> None:
         if self.local:
             self._put_local(path, lambda tmp: Path(tmp).write_bytes(data))
         else:
-            self._io("writing a file", self.fs.pipe_file, path, data)
+            self._write("writing a file", self.fs.pipe_file, path, data)
 
     def _has_blob(self, digest: str, size: int) -> bool:
         try:
