@@ -9,7 +9,6 @@
 
 NAME is a task as doit names it (build:smollm2-135m-8da4w-et, quantize:smollm2-135m-int8-bf16, convert:MODEL),
 or a target name for its build. The remote is $TORCHAT_REMOTE_CACHE or [cache] in ~/.config/torchat/config.toml.
-No torch here.
 """
 
 import argparse
@@ -19,7 +18,7 @@ import re
 from torchat import spec, store
 from torchat.errors import TorchatError, unknown_key_error
 
-ACTIONS = ("status", "push", "pull", "ls", "verify", "gc")
+ACTIONS = ("status", "push", "pull", "ls", "verify", "gc")  # none of them imports torch
 
 
 def cutoff_date(text: str) -> datetime.datetime:
@@ -35,7 +34,9 @@ def cutoff_date(text: str) -> datetime.datetime:
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("action", choices=ACTIONS, help="what to do (see `torchat cache --help`)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]  # the actions, one line each
+    parser.add_argument("action", choices=ACTIONS, help="what to do (below)")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="tasks as doit names them (build:TARGET, quantize:MODEL-QUANT-DTYPE, ...) or targets")
     parser.add_argument("--force", action="store_true", help="push: upload again what the remote already has")
