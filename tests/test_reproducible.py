@@ -6,7 +6,6 @@ directories), and every file of every step is compared byte for byte. A remote c
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,39 +13,15 @@ from pathlib import Path
 
 import pytest
 from test_dodo import copy_repo, doit_command, ran
-from test_store import graph_env, sha256
+from test_store import graph_env
+from tiny_model import write_stories_targets
 
 from torchat import store
 
-# 8da4w, run eagerly: its build is the quantized checkpoint. A lowered build (tiny-8da4w-et) was byte-identical
-# too, but takes minutes a store on two cores
+# 8da4w, run eagerly: its build is the quantized checkpoint. A lowered tiny-8da4w-et was byte-identical too but
+# takes minutes per store on two cores; an AOTI .pt2 is not yet (docs/remote-cache.md, Limits)
 TARGET = "tiny-8da4w-eager"
 CHAIN = {"download:tiny", "convert:tiny", "quantize:tiny-8da4w-bf16"}
-
-
-def write_tiny_llama2c_targets(root: Path, tokenizer: Path) -> Path:
-    """A targets dir with one random stories15M-shaped llama2.c checkpoint ("tiny") and the 8da4w preset."""
-    import torch
-
-    from torchat.checkpoint.base import expected_shapes
-    from torchat.configs import KNOWN_CONFIGS
-    from torchat.model import ModelArgs
-
-    args = ModelArgs(**KNOWN_CONFIGS["stories15M"])
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in expected_shapes(args).items()}
-    root.mkdir(parents=True)
-    torch.save({"model": state_dict, "model_args": {"dim": 288, "n_layers": 6, "n_heads": 6, "n_kv_heads": 6,
-                                                    "vocab_size": 32000, "max_seq_len": 256}}, root / "tiny.pt")
-    shutil.copy(tokenizer, root / "tokenizer.model")
-    (root / "models.toml").write_text(
-        f'[tiny]\nconfig = "stories15M"\nformat = "llama2c"\nsource = "path:tiny.pt"\n'
-        f'sha256 = "{sha256((root / "tiny.pt").read_bytes())}"\n'
-        f'tokenizer = {{ source = "path:tokenizer.model", sha256 = "{store.sha256_file(tokenizer)}" }}\n')
-    (root / "quant.toml").write_text('[none]\nquant = {}\n\n[8da4w]\nquant = { "linear:a8w4dq" = { groupsize = 32 } }\n')
-    (root / "matrix.toml").write_text('[defaults]\nmodel = "tiny"\n\n[[matrix]]\nmodels = "*"\nquants = "*"\n'
-                                      'backends = ["et"]\n')
-    return root
 
 
 def store_files(artifacts: Path) -> dict[str, bytes]:
@@ -63,7 +38,8 @@ def without_local_facts(manifest: dict) -> dict:
 
 @pytest.mark.slow
 def test_a_chain_built_in_two_stores_is_byte_identical(tmp_path, mistral_sentencepiece):
-    targets = write_tiny_llama2c_targets(tmp_path / "targets", mistral_sentencepiece)
+    targets = write_stories_targets(tmp_path / "targets", mistral_sentencepiece,
+                                    {"8da4w": '{ "linear:a8w4dq" = { groupsize = 32 } }'}, backends='["eager"]')
     stores = []
     for side in ("one", "two"):
         repo = copy_repo(tmp_path / side / "repo")  # a frozen copy: code digests enter the keys
