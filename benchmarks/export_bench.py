@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from smollm2_artifacts import cached_export  # noqa: E402
+from bench_exports import cached_export  # noqa: E402
 
 from torchat.assets import fetch_asset  # noqa: E402
 from torchat.checkpoint import build_model, read_checkpoint  # noqa: E402

@@ -1,7 +1,7 @@
 """C++ runner tok/s against the same artifact loaded from Python (`torchat generate --*-path`'s code path).
 
 For each SmolLM2-135M artifact (fp32 .pt2 and .pte, and 8da4w .pte; exported once and cached by content, see
-tests/smollm2_artifacts.py) it generates NEW greedy tokens after the same prompt:
+benchmarks/bench_exports.py) it generates NEW greedy tokens after the same prompt:
     python   the artifact loaded once with torchat.exported.load_exported; one untimed warm-up generation, then
              RUNS timed generations (GenerationStats: prefill tok/s, decode tok/s)
     runner   RUNS fresh processes of runner-aoti / runner-et (`run MODEL -z tokenizer.bin -i PROMPT -n NEW`); their
@@ -107,7 +107,7 @@ def main() -> int:
 
     from conftest import cached_runner
     from runner_fixtures import write_tokenizer_bin
-    from smollm2_artifacts import cached_export
+    from bench_exports import cached_export
 
     from torchat.assets import fetch_asset
     from torchat.tokenizers import load_tokenizer
