@@ -10,6 +10,7 @@
 """
 
 import ipaddress
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -84,11 +85,32 @@ def serve(opened, options: ServeOptions, on_ready=None) -> None:
         print(f"torchat server: stopping after {options.stop_after:g} s (--stop-after)", file=sys.stderr, flush=True)
         server.should_exit = True
 
-    engine.start()
+    def serve_http() -> None:
+        try:
+            server.run()  # in a thread uvicorn installs no signal handlers: the main thread takes them (below)
+        finally:
+            engine.close()
+
+    # the engine runs in the main thread (see torchat/server/engine.py), uvicorn beside it
+    http = threading.Thread(target=serve_http, name="torchat-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, _stop_signal)
+    http.start()
     threading.Thread(target=announce, name="torchat-announce", daemon=True).start()
     if options.stop_after is not None:
         threading.Thread(target=stop_later, name="torchat-stop-after", daemon=True).start()
     try:
-        server.run()
+        engine.run()
+    except _Stop:
+        pass
     finally:
-        engine.close()
+        server.should_exit = True
+        http.join(10)
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Stop(BaseException):
+    """SIGTERM: leave the engine's loop wherever it is (not an Exception: no model-error handler catches it)."""
+
+
+def _stop_signal(signum, frame):
+    raise _Stop()

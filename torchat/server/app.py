@@ -205,7 +205,14 @@ class _Events:
     def __init__(self, request: Request):
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.deliver = lambda *event: loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        def deliver(*event) -> None:  # from the engine's thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                pass
+
+        self.deliver = deliver
         self.request = request
         self.gone: asyncio.Task | None = None
 

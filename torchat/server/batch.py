@@ -49,6 +49,8 @@ def forward_rows(model, tokens: torch.Tensor, positions: torch.Tensor, rows: lis
     # (batch, 1, seq, attend): a query at position p sees keys 0..p of its own row
     mask = (torch.arange(attend, device=tokens.device)[None, None, :] <= positions[:, :, None])[:, None]
     index = torch.tensor(rows, device=tokens.device)[:, None].expand(batch, seq)  # (batch, seq)
+    # one row (a prefill, or a decode alone) holds consecutive positions: a slice write, cheaper than index_put
+    first = int(positions[0, 0]) if batch == 1 else None
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
         attention, x = layer.attention, layer.attention_norm(h)
@@ -57,9 +59,13 @@ def forward_rows(model, tokens: torch.Tensor, positions: torch.Tensor, rows: lis
         k = _rotate(attention.wk(x).view(batch, seq, kv_heads, head_dim), cos, sin)
         v = attention.wv(x).view(batch, seq, kv_heads, head_dim)
         cache = attention.kv_cache
-        # advanced indices on dims 0 and 2 select (batch, seq, kv_heads, head_dim): k's own layout
-        cache.k_cache[index, :, positions] = k
-        cache.v_cache[index, :, positions] = v
+        if first is not None:
+            cache.k_cache[rows[0], :, first:first + seq] = k[0].transpose(0, 1)
+            cache.v_cache[rows[0], :, first:first + seq] = v[0].transpose(0, 1)
+        else:
+            # advanced indices on dims 0 and 2 select (batch, seq, kv_heads, head_dim): k's own layout
+            cache.k_cache[index, :, positions] = k
+            cache.v_cache[index, :, positions] = v
         keys, values = _cache_rows(cache.k_cache, rows, attend), _cache_rows(cache.v_cache, rows, attend)
         q = q.transpose(1, 2)  # (batch, heads, seq, head_dim)
         if q.device.type == "cpu" and q.dtype != torch.float32:
