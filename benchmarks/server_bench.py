@@ -248,7 +248,9 @@ def main() -> int:
         rows += bench_server("llama.cpp", [args.llama_python, "-m", "llama_cpp.server", "--model", str(gguf),
                                            "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", "{port}",
                                            "--n_ctx", "2048", "--n_threads", str(os.cpu_count()),
-                                           "--n_threads_batch", str(os.cpu_count())], args, out)
+                                           "--n_threads_batch", str(os.cpu_count()),
+                                           # queue concurrent requests (its default cuts the running one off)
+                                           "--interrupt_requests", "False"], args, out)
     version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip() if note is None else None
     result = {"machine": lscpu(), "host": host_info(), "model": " ".join(model_flags(args)) + " (torchat); "
