@@ -199,8 +199,10 @@ class Transformer(nn.Module):
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len}")
         weight = self.layers[0].attention_norm.weight
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_heads, max_seq_len,
-                                               self.args.head_dim, weight.dtype, weight.device)
+            # the layer's own KV heads: a tensor-parallel rank (torchat.parallel) holds only some of them
+            attention = layer.attention
+            attention.kv_cache = KVCache(max_batch_size, attention.n_kv_heads, max_seq_len,
+                                         attention.head_dim, weight.dtype, weight.device)
         self.cache_len = max_seq_len
 
     def remove_caches(self) -> None:

@@ -15,6 +15,7 @@ Every verb (generate, chat, eval, bench, export, quantize, server) opens its mod
 sees argparse. `open_transformer` gives the eager Transformer itself (export and quantize need it).
 """
 
+import importlib
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class ModelSource:
     compile_prefill: bool = False
     allow_unpinned: bool = False        # fetch a catalog model's files with no pinned sha256
     build: bool = False                 # build a target that the store does not hold yet
+    tp: int = 1                         # tensor-parallel ranks: the model split over tp processes (torchat.parallel)
 
     def to_dict(self) -> dict:
         """JSON-able (for a child process: bench)."""
@@ -255,6 +257,10 @@ def _open_eager(source: ModelSource, resolved: Resolved, need_tokenizer: bool) -
 
 def open_model(source: ModelSource) -> OpenedModel:
     """The TextModel, tokenizer and description of whatever the source names (see the module docstring)."""
+    if source.tp > 1:
+        # imported by name, as the CLI imports its verbs: only generate, chat, eval and server take --tp, and the
+        # build graph's steps never pass it, so torchat.parallel is no part of their code keys (tests/test_layering)
+        return importlib.import_module("torchat.parallel").open_parallel(source)
     resolved = resolve(source)
     if resolved.kind == "artifact":
         return _open_artifact(source, resolved)

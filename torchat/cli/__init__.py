@@ -7,6 +7,7 @@ gets typed values (torchat.model_source.ModelSource and plain arguments).
 
 import argparse
 import importlib
+import os
 import sys
 
 from torchat.errors import TorchatError
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare_for_pte()
     args = build_parser(verb).parse_args(argv)
     quiet_libraries(args.verbose)
+    if getattr(args, "tp", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        # run plainly: start the ranks here, as torchrun would (imported by name, like the verbs: see open_model)
+        return importlib.import_module("torchat.parallel.launch").spawn_ranks(argv, args.tp, args.device)
     try:
         return importlib.import_module(VERBS[args.verb][0]).run(args)
     except TorchatError as error:

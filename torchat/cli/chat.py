@@ -6,11 +6,13 @@ Reads one user message a line (a prompt when stdin is a terminal); Ctrl-C stops 
 import argparse
 import sys
 
-from torchat.cli.flags import add_generation_flags, add_model_flags, generator_of, model_source, sampling_of
+from torchat.cli.flags import (add_generation_flags, add_model_flags, add_parallel_flags, generator_of, model_source,
+                               sampling_of)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add_model_flags(parser)
+    add_parallel_flags(parser)
     add_generation_flags(parser)
     parser.add_argument("--system", help="the system prompt")
     parser.add_argument("--chat-template", help="jinja (the tokenizer's own), llama3 or llama2; chosen from the "

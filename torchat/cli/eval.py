@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from torchat.cli.flags import add_model_flags, model_source
+from torchat.cli.flags import add_model_flags, add_parallel_flags, model_source
 from torchat.errors import TorchatError
 from torchat.vocabulary import BACKENDS, Backend
 
@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     from torchat.evaluation.tasks import DEFAULT_LIMIT, DEFAULT_TASK, LOCAL_TASKS
 
     add_model_flags(parser)
+    add_parallel_flags(parser)
     parser.add_argument("--tasks", type=_tasks, default=[DEFAULT_TASK],
                         help=f"comma-separated lm-eval tasks (default: {DEFAULT_TASK}; local, offline: "
                              f"{', '.join(sorted(LOCAL_TASKS))}; any other name is lm-eval's own)")

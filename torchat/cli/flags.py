@@ -92,6 +92,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                      help="torch.compile the prefill too (dynamic shapes)")
 
 
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """Tensor parallelism (generate, chat, eval, server): docs/distributed.md."""
+    parser.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                        help="split the model over N processes (tensor parallel; gloo on CPU, nccl on CUDA): started "
+                             "here, or by torchrun --nproc-per-node N (default 1)")
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     """Sampling and length (generate, chat, server)."""
     group = parser.add_argument_group("generation")
@@ -127,7 +134,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         device=getattr(args, "device", Device.CPU), quant=getattr(args, "quant", None),
         max_seq_len=getattr(args, "max_seq_length", None), compile=getattr(args, "compile", False),
         compile_prefill=getattr(args, "compile_prefill", False), allow_unpinned=args.allow_unpinned,
-        build=getattr(args, "build", False))
+        build=getattr(args, "build", False), tp=getattr(args, "tp", 1))
 
 
 def sampling_of(args: argparse.Namespace):

@@ -3,11 +3,13 @@
 import argparse
 import sys
 
-from torchat.cli.flags import add_generation_flags, add_model_flags, generator_of, model_source, sampling_of
+from torchat.cli.flags import (add_generation_flags, add_model_flags, add_parallel_flags, generator_of, model_source,
+                               sampling_of)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add_model_flags(parser)
+    add_parallel_flags(parser)
     add_generation_flags(parser)
     parser.add_argument("--prompt", default="Hello, my name is")
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,

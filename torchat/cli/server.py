@@ -9,12 +9,13 @@ import argparse
 import os
 import sys
 
-from torchat.cli.flags import (add_generation_flags, add_model_flags, model_source, non_negative_float,
-                               non_negative_int, positive_int)
+from torchat.cli.flags import (add_generation_flags, add_model_flags, add_parallel_flags, model_source,
+                               non_negative_float, non_negative_int, positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add_model_flags(parser)
+    add_parallel_flags(parser)
     add_generation_flags(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1, this "
