@@ -16,6 +16,7 @@ from torchat.quant import parse_quant, quantize_model
 # (quant JSON, artifact suffix): what XNNPACK runs correctly, and AOTI's own int4 path
 SUPPORTED = [
     ({"linear:8da4w": {"group_size": 32}, "embedding": {"bitwidth": 4, "group_size": 32}}, ".pte"),
+    ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}, ".pte"),
     ({"embedding": {"bitwidth": 8, "group_size": 0}}, ".pte"),
     ({"linear:8da8w": {}}, ".pte"),
     ({"linear:8da4w": {"group_size": 32}}, ".pt2"),
@@ -58,3 +59,19 @@ def test_weight_only_linear_to_executorch_is_refused(tiny_checkpoint, tmp_path, 
     err = capsys.readouterr().err
     assert "refused for backend et" in err and "8da4w" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_asymmetric_8da4w_keeps_one_xnnpack_call_a_layer(tiny_artifacts):
+    """The per-group correction (two fp32 linears) joins the 4-bit GEMMs in the layer's one delegate call."""
+    from collections import Counter
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from tiny_model import TINY_CHECKPOINT_ARGS
+
+    path = tiny_artifacts.get(".pte", {"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}})
+    program = deserialize_pte_binary(path.read_bytes())
+    program = getattr(program, "program", program)
+    plan = next(plan for plan in program.execution_plan if plan.name == "forward")
+    kinds = Counter(type(instruction.instr_args).__name__ for chain in plan.chains
+                    for instruction in chain.instructions)
+    assert kinds["DelegateCall"] == TINY_CHECKPOINT_ARGS["n_layers"] + 1

@@ -21,7 +21,10 @@ def test_seed_single_quoted_python_dict():
     ('{"linear:int8": {"bitwidth": 8, "groupsize": 0}}', [QuantSpec("linear:int8", {"bitwidth": 8, "group_size": 0})]),
     ('{"embedding": {"bitwidth": 4, "groupsize": 32}}', [QuantSpec("embedding", {"bitwidth": 4, "group_size": 32})]),
     ('{"embedding": {}}', [QuantSpec("embedding", {"bitwidth": 8, "group_size": 0})]),
-    ('{"linear:a8w4dq": {"groupsize": 32}}', [QuantSpec("linear:8da4w", {"bitwidth": 4, "group_size": 32})]),
+    ('{"linear:a8w4dq": {"groupsize": 32}}', [QuantSpec("linear:8da4w", {"bitwidth": 4, "grid": "symmetric",
+                                                                        "group_size": 32})]),
+    ('{"linear:8da4w": {"grid": "asymmetric"}}', [QuantSpec("linear:8da4w", {"bitwidth": 4, "grid": "asymmetric",
+                                                                            "group_size": 256})]),
     ('{"precision": {"dtype": "bfloat16"}}', [QuantSpec("precision", {"dtype": "bf16"})]),
     ("{}", []),
 ])

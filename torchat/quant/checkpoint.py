@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torchat.dtypes import torch_dtype
 from torchat.errors import TorchatError, unknown_key_error
 from torchat.model import ModelArgs, Transformer, rope_frequencies
+from torchat.quant.asym4 import Int8DynActAsymInt4Linear
 from torchat.quant.base import QuantizedModule
 from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
@@ -30,7 +31,7 @@ MANIFEST_VERSION = 1
 
 MODULE_KINDS: dict[str, type[QuantizedModule]] = {
     cls.kind: cls for cls in (Int4WeightOnlyLinear, Int8WeightOnlyLinear, Int8DynActInt4Linear, Int8DynActInt8Linear,
-                              QuantizedEmbedding)}
+                              Int8DynActAsymInt4Linear, QuantizedEmbedding)}
 
 
 def is_quantized_dir(path: Path) -> bool:

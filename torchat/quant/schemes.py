@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from torchat.errors import TorchatError
+from torchat.quant.asym4 import Int8DynActAsymInt4Linear
 from torchat.quant.int4 import Int4WeightOnlyLinear
 from torchat.quant.int8 import Int8WeightOnlyLinear
 from torchat.quant.intx import Int8DynActInt4Linear, Int8DynActInt8Linear, QuantizedEmbedding
@@ -69,6 +70,9 @@ def _quantize_gptq(model, candidates, options, calibration) -> Results:
     return results
 
 
+# linear:8da4w's `grid` option -> the module that holds weights on that grid
+INT4_GRIDS: dict[str, type] = {"symmetric": Int8DynActInt4Linear, "asymmetric": Int8DynActAsymInt4Linear}
+
 QUANTIZERS: dict[str, Scheme] = {
     "embedding": Scheme(nn.Embedding, _quantize_embedding,
                         "int8 (per row or group-wise) or int4 (group-wise) symmetric embedding table"),
@@ -76,9 +80,10 @@ QUANTIZERS: dict[str, Scheme] = {
                           "int8 weight-only linear, symmetric, per channel (group_size 0) or group-wise"),
     "linear:int4": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight, o["group_size"])),
                           "int4 weight-only linear, asymmetric group-wise, min/max scales (tinygemm layout)"),
-    "linear:8da4w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt4Linear.from_float(m.weight,
+    "linear:8da4w": Scheme(nn.Linear, _per_linear(lambda m, o: INT4_GRIDS[o["grid"]].from_float(m.weight,
                                                                                                o["group_size"])),
-                           "int8 per-token dynamic activations, int4 symmetric group-wise weights"),
+                           "int8 per-token dynamic activations, int4 group-wise weights on a symmetric grid or "
+                           "an asymmetric one (a scale and an offset per group)"),
     "linear:8da8w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt8Linear.from_float(m.weight)),
                            "int8 per-token dynamic activations, int8 symmetric per-channel weights"),
     "linear:gptq": Scheme(nn.Linear, _quantize_gptq,

@@ -78,7 +78,10 @@ SCHEME_OPTIONS: dict[str, dict[str, Option]] = {
                     "group_size": Option(0, lambda v: _is_int(v) and (v == 0 or v in (32, 64, 128, 256)),
                                          "0 (one scale per output channel) or one of 32, 64, 128, 256")},
     "linear:int4": {"group_size": _group(128, INT4_GROUP_SIZES)},
-    "linear:8da4w": {"group_size": _group(256, INT4_GROUP_SIZES), "bitwidth": _choice(4)},
+    # grid: "symmetric" re-quantizes onto XNNPACK's zero-point-8 grid (ExecuTorch's recipe); "asymmetric" keeps a
+    # scale and an offset per group on the same kernel, plus a per-group correction (torchat.quant.asym4)
+    "linear:8da4w": {"group_size": _group(256, INT4_GROUP_SIZES), "bitwidth": _choice(4),
+                     "grid": _choice("symmetric", "asymmetric")},
     "linear:8da8w": {"group_size": Option(0, lambda v: v == 0, "0 (one scale per output channel: XNNPACK has "
                                           "no group-wise int8 kernel)"), "bitwidth": _choice(8)},
     "linear:gptq": {"group_size": _group(128, INT4_GROUP_SIZES), **_CALIBRATION},
