@@ -39,6 +39,9 @@ def spawn_ranks(argv: list[str], world: int, device: str = "cpu") -> int:
         quiet = subprocess.DEVNULL if rank else None
         ranks.append(subprocess.Popen([sys.executable, "-m", "torchat", *argv], env=rank_environment(
             rank, world, port, threads), stdin=quiet, stdout=quiet))
+    # Ctrl-C reaches every process of the terminal: rank 0 decides (chat stops an answer, generate ends, and the
+    # followers leave when it does); set after the start, as an ignored signal would be inherited
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         while True:
             codes = [p.poll() for p in ranks]
@@ -51,9 +54,8 @@ def spawn_ranks(argv: list[str], world: int, device: str = "cpu") -> int:
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(0.05)
-    except KeyboardInterrupt:  # the ranks got the terminal's SIGINT too
-        _stop(ranks)
-        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop(ranks: list[subprocess.Popen]) -> int:

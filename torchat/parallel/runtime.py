@@ -15,6 +15,7 @@ one-line error, not a hang. The control group waits without limit (a chat waits 
 
 import atexit
 import os
+import signal
 import sys
 from datetime import timedelta
 
@@ -187,6 +188,8 @@ def _collective(call, *args, **kwargs):
 
 
 def silence_follower() -> None:
-    """A follower prints nothing on stdout and reads no stdin (rank 0 does both)."""
+    """A follower prints nothing on stdout, reads no stdin and ignores Ctrl-C: rank 0 does all three, and tells the
+    followers when to leave."""
     sys.stdout = open(os.devnull, "w")
     sys.stdin = open(os.devnull)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
