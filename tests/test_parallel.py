@@ -166,16 +166,23 @@ def test_quant_schemes_that_cannot_split_are_refused():
 
 # --- the CLI's launcher and failures -----------------------------------------------------------------------------
 
-def torchat(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torchat", *argv], capture_output=True, text=True, timeout=timeout)
+def torchat(*argv: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torchat", *argv], capture_output=True, text=True, timeout=timeout,
+                          input=stdin)
 
 
-def test_cli_tp_2_prints_what_one_process_prints_and_refuses_clearly(gqa_checkpoint):
+def test_cli_generate_and_chat_with_tp_2_print_what_one_process_prints_and_refuse_clearly(gqa_checkpoint):
     flags = ["generate", str(gqa_checkpoint), "--max-new-tokens", "24", "--prompt", PROMPT]
     one, two = torchat(*flags), torchat(*flags, "--tp", "2")
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and two.stdout.startswith(PROMPT)
     assert "tensor parallel over 2 ranks" in two.stderr
+    # chat: rank 0 alone reads the turns from stdin and prints the answers
+    chat = ["chat", str(gqa_checkpoint), "--max-new-tokens", "12"]
+    turns = "Hello there\nWhat is your name?\n"
+    one, two = torchat(*chat, stdin=turns), torchat(*chat, "--tp", "2", stdin=turns)
+    assert one.returncode == two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and len(two.stdout.splitlines()) == 2
     refused = torchat(*flags, "--tp", "2", "--quant", '{"linear:8da4w": {"group_size": 32}}')
     assert refused.returncode == 1 and refused.stdout == ""
     assert "error: --tp 2 cannot split quantization linear:8da4w" in refused.stderr

@@ -42,6 +42,7 @@ def spawn_ranks(argv: list[str], world: int, device: str = "cpu") -> int:
     # Ctrl-C reaches every process of the terminal: rank 0 decides (chat stops an answer, generate ends, and the
     # followers leave when it does); set after the start, as an ignored signal would be inherited
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = signal.signal(signal.SIGTERM, _terminated)  # `kill LAUNCHER` stops the ranks too
     try:
         while True:
             codes = [p.poll() for p in ranks]
@@ -54,8 +55,20 @@ def spawn_ranks(argv: list[str], world: int, device: str = "cpu") -> int:
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(0.05)
+    except _Terminated:
+        _stop(ranks)
+        return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(signum, frame):
+    raise _Terminated
 
 
 def _stop(ranks: list[subprocess.Popen]) -> int:
