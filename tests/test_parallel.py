@@ -7,6 +7,7 @@ Then the CLI's own launcher, a refused quantization, and a rank that dies.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -208,3 +209,12 @@ def test_only_the_running_verbs_take_tp(verb, capsys):
     with pytest.raises(SystemExit):
         build_parser(verb).parse_args([verb, "--help"])
     assert ("--tp N" in capsys.readouterr().out) == (verb in ("generate", "chat", "eval", "server"))
+
+
+def test_torchrun_without_tp_is_refused(gqa_checkpoint):
+    """Under torchrun (WORLD_SIZE set) without --tp, each process would run the whole model and print it."""
+    run = subprocess.run([sys.executable, "-m", "torchat", "generate", str(gqa_checkpoint), "--max-new-tokens", "2"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.strip().splitlines()[-1] == ("torchat generate: error: torchrun started 2 processes but --tp "
+                                                   "is 1 (each would run the whole model); pass --tp 2")

@@ -6,6 +6,7 @@ Numbers are checked here, at parse time, with a one-line error: nothing below th
 """
 
 import argparse
+import os
 from pathlib import Path
 
 from torchat.errors import TorchatError
@@ -118,6 +119,10 @@ def model_source(args: argparse.Namespace) -> ModelSource:
     if len(artifacts) > 1:
         raise TorchatError("pass only one of --aoti-package-path, --dso-path, --pte-path")
     tokenizer_path = args.tokenizer_path
+    world = os.environ.get("WORLD_SIZE", "1")
+    if getattr(args, "tp", None) == 1 and world.isdigit() and int(world) > 1:
+        raise TorchatError(f"torchrun started {world} processes but --tp is 1 (each would run the whole model); "
+                           f"pass --tp {world}")
     if artifacts and len(named) > 1:
         # the seed's form `--pte-path m.pte --checkpoint-path ckpt`: the checkpoint only lends its tokenizer
         from torchat.model_source import find_tokenizer
