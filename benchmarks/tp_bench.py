@@ -68,7 +68,8 @@ def write_checkpoint(directory: Path) -> Path:
 
 
 def run_generate(checkpoint: Path, tp: int, threads: int, tokens: int) -> dict:
-    """One `torchat generate` over `tp` ranks -> each rank's peak RSS (MiB), rank 0's decode tok/s, others' CPU share."""
+    """One `torchat generate` over `tp` ranks -> each rank's peak RSS (MiB), rank 0's decode tok/s, and the others'
+    CPU share meanwhile."""
     argv = [sys.executable, "-m", "torchat", "generate", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens",
             str(tokens), "--max-seq-length", "256"] + (["--tp", str(tp)] if tp > 1 else [])
     port, share, start = free_port(), CpuShare(), time.monotonic()
@@ -98,7 +99,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: $TORCHAT_CACHE/bench/llama-3.2-1b-random")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="default: $TORCHAT_CACHE/bench/llama-3.2-1b-random")
     parser.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from torchat.sources import cache_dir
@@ -143,7 +145,8 @@ def render(result: dict) -> str:
                      f"{r['decode_tok_s']:.2f} | {r['others_cpu_share']:.2f} |")
     lines += ["", f"Each rank's peak RSS is {s['rank_peak_over_single']:.0%} of the single process's "
                   f"({s['tp2_peak_rss_mib_per_rank']} vs {s['single_peak_rss_mib']} MiB); best decode "
-                  f"{s['tp2_decode_tok_s_best']:.2f} tok/s with --tp 2 against {s['single_decode_tok_s_best']:.2f}.", ""]
+                  f"{s['tp2_decode_tok_s_best']:.2f} tok/s with --tp 2 against "
+                  f"{s['single_decode_tok_s_best']:.2f}.", ""]
     return "\n".join(lines)
 
 

@@ -218,3 +218,10 @@ def test_torchrun_without_tp_is_refused(gqa_checkpoint):
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.strip().splitlines()[-1] == ("torchat generate: error: torchrun started 2 processes but --tp "
                                                    "is 1 (each would run the whole model); pass --tp 2")
+
+
+def test_a_checkpoint_that_cannot_be_sliced_is_refused(tmp_path):
+    pickle = tmp_path / "model.pt"
+    pickle.write_bytes(b"not read")
+    with pytest.raises(TorchatError, match=r"a llama2c checkpoint cannot be read in slices .* torchat convert"):
+        open_sliced(pickle)

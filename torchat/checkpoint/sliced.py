@@ -74,8 +74,9 @@ def open_sliced(path: Path, fmt: str | None = None, args: ModelArgs | None = Non
     elif fmt in ("torchat", "hf"):
         sliced = _open_safetensors(path, fmt, args)
     else:
-        raise TorchatError(f"{path}: a {fmt} checkpoint cannot be read in slices (--tp reads {', '.join(SLICEABLE_FORMATS)}); "
-                           f"convert it first: torchat convert {path} --output DIR")
+        raise TorchatError(f"{path}: a {fmt} checkpoint cannot be read in slices (--tp reads "
+                           f"{', '.join(SLICEABLE_FORMATS)}); "
+                           f"convert it first: torchat convert {path} --output-dir DIR")
     check_state_dict({k: torch.empty(s, device="meta") for k, s in sliced.shapes.items()}, sliced.args, path)
     sliced.metadata.setdefault("format", fmt)
     return sliced
@@ -169,14 +170,15 @@ def _open_safetensors(path: Path, fmt: str, args: ModelArgs | None) -> SlicedChe
     not_safetensors = [f for f in files if f.suffix != ".safetensors"]
     if not_safetensors:
         raise TorchatError(f"{not_safetensors[0]}: --tp slices safetensors files only; convert the checkpoint first "
-                           f"(torchat convert {path} --output DIR)")
+                           f"(torchat convert {path} --output-dir DIR)")
     keys = {}
     try:
         for file in files:
             keys |= {name: (file, key) for key in _safetensors_header(file)[1] if (name := rename(key)) is not None}
         tensors = _SafetensorsTensors(keys)
     except (OSError, ValueError, KeyError, struct.error) as error:
-        raise TorchatError(f"{files[0]}: unreadable safetensors header ({error}); download or convert it again") from None
+        raise TorchatError(f"{files[0]}: unreadable safetensors header ({error}); download or convert it "
+                           "again") from None
     shapes = {name: tensors.shape(name) for name in keys}
     return SlicedCheckpoint(args, metadata, tensors, shapes)
 

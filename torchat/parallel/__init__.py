@@ -58,8 +58,8 @@ def load_rank(source) -> RankModel:
     from torchat.generate import EagerModel
     from torchat.model_source import DEFAULT_MAX_SEQ_LEN, _check_device, find_tokenizer, resolve
     from torchat.parallel.plan import ShardPlan, build_local_transformer, load_local_state_dict
-    from torchat.parallel.runtime import (init_tensor_parallel, parallelize, quantize_local, silence_follower,
-                                          whole_rows_for)
+    from torchat.parallel.runtime import (init_tensor_parallel, parallelize, quantize_local, run_collective,
+                                          silence_follower, whole_rows_for)
     from torchat.quant import parse_quant
     from torchat.vocabulary import Backend, Dtype
 
@@ -67,15 +67,19 @@ def load_rank(source) -> RankModel:
         raise TorchatError(f"--tp {source.tp} runs eagerly; drop --compile/--compile-prefill")
     _check_device(source.device)
     specs = parse_quant(source.quant) if source.quant else []
-    resolved = resolve(source)
-    if resolved.kind != "checkpoint":
-        what = "an exported artifact" if resolved.kind == "artifact" else "a baked quantized checkpoint"
-        raise TorchatError(f"--tp {source.tp} splits a checkpoint as it reads it; {resolved.path} is {what}: pass "
-                           "the checkpoint it was made from (with --quant)")
     mesh, control = init_tensor_parallel(source.tp, source.device)
     rank = dist.get_rank()
     if rank != 0:
         silence_follower()
+        # rank 0 fetches a catalog model first (on the control group: no time limit, a download can be long)
+        run_collective(dist.barrier, group=control)
+    resolved = resolve(source)
+    if rank == 0:
+        run_collective(dist.barrier, group=control)
+    if resolved.kind != "checkpoint":
+        what = "an exported artifact" if resolved.kind == "artifact" else "a baked quantized checkpoint"
+        raise TorchatError(f"--tp {source.tp} splits a checkpoint as it reads it; {resolved.path} is {what}: pass "
+                           "the checkpoint it was made from (with --quant)")
     sliced = open_sliced(resolved.path, resolved.format, resolve_args(source.params_table, source.params_path))
     plan = ShardPlan.for_model(sliced.args, source.tp, rank, whole_rows_for(specs))
     context = sliced.args.max_seq_len

@@ -137,13 +137,13 @@ class LeaderModel:
         header = torch.tensor([command, seq, 0, 0], dtype=torch.long)
         if seq == 1:
             header[2], header[3] = int(tokens[0, 0]), int(input_pos[0])
-        _collective(dist.broadcast, header, 0, group=self.control)
+        run_collective(dist.broadcast, header, 0, group=self.control)
         if seq > 1:
-            _collective(dist.broadcast, torch.cat([tokens[0].cpu(), input_pos.cpu()]), 0, group=self.control)
+            run_collective(dist.broadcast, torch.cat([tokens[0].cpu(), input_pos.cpu()]), 0, group=self.control)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         self._send(_FORWARD, tokens, input_pos)
-        return _collective(self.inner.forward, tokens, input_pos)
+        return run_collective(self.inner.forward, tokens, input_pos)
 
     def close(self) -> None:
         """Tell the followers to leave (at exit, also after an error)."""
@@ -160,7 +160,7 @@ def follow(text_model, control) -> None:
     device = text_model.device
     while True:
         header = torch.empty(4, dtype=torch.long)
-        _collective(dist.broadcast, header, 0, group=control)
+        run_collective(dist.broadcast, header, 0, group=control)
         command, seq = int(header[0]), int(header[1])
         if command == _STOP:
             return
@@ -168,12 +168,12 @@ def follow(text_model, control) -> None:
             tokens, input_pos = header[2:3].view(1, 1), header[3:4]
         else:
             ids = torch.empty(2 * seq, dtype=torch.long)
-            _collective(dist.broadcast, ids, 0, group=control)
+            run_collective(dist.broadcast, ids, 0, group=control)
             tokens, input_pos = ids[:seq].view(1, seq), ids[seq:]
-        _collective(text_model.forward, tokens.to(device), input_pos.to(device))
+        run_collective(text_model.forward, tokens.to(device), input_pos.to(device))
 
 
-def _collective(call, *args, **kwargs):
+def run_collective(call, *args, **kwargs):
     """A call that runs collectives: a failed or timed-out one is one line naming the likely cause."""
     try:
         return call(*args, **kwargs)
