@@ -19,7 +19,7 @@ from tiny_model import TINY_CONTEXT, checkpoint_transformer
 from torchat.cli import main
 from torchat.errors import TorchatError
 from torchat.evaluation import evaluate
-from torchat.evaluation.tasks import DOC_WORDS, evaluation_documents, write_documents
+from torchat.evaluation.tasks import DEFAULT_LIMIT, DOC_WORDS, evaluation_documents, write_documents
 from torchat.generate import EagerModel, Sampling, generate
 
 # the shared tiny checkpoint's model and its KV cache: windows of 96 tokens, so that each document rolls
@@ -143,6 +143,21 @@ def test_documents_are_the_evaluation_split_in_order_and_cached_by_content(tmp_p
     assert path.is_absolute() and write_documents(docs, tmp_path, "botchan") == path
     assert [json.loads(line)["page"] for line in path.read_text().splitlines()] == docs
     assert write_documents(docs[:1], tmp_path, "botchan") != path
+
+
+def test_the_verse_task_is_macbeth_in_documents_of_whole_lines(tmp_path):
+    """The second local text is verse (pinned by sha256 in torchat.assets), cut as Botchan is; both are defaults."""
+    from torchat.assets import verse_text
+    from torchat.evaluation.tasks import DEFAULT_TASKS, LOCAL_TASKS, split_documents
+
+    text = verse_text()
+    docs = split_documents(text)
+    assert "\n".join(docs) == text and text.startswith("ACT I.") and "Fair is foul, and foul is fair" in docs[0]
+    assert all(len(doc.split()) >= DOC_WORDS for doc in docs) and len(docs) > 2 * DEFAULT_LIMIT
+    task = LOCAL_TASKS["shakespeare"](tmp_path)
+    data = Path(task["dataset_kwargs"]["data_files"]["test"])
+    assert task["task"] == "shakespeare" and [json.loads(line)["page"] for line in data.read_text().splitlines()] == docs
+    assert set(DEFAULT_TASKS) == {"botchan", "shakespeare"}
 
 
 def test_the_cli_writes_eval_json_and_the_same_perplexity_from_every_exported_form(tiny_checkpoint, tiny_artifacts,

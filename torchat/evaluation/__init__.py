@@ -7,6 +7,6 @@ The adapter (torchat.evaluation.adapter) imports lm-eval; importing this package
 """
 
 from torchat.evaluation.harness import evaluate
-from torchat.evaluation.tasks import DEFAULT_LIMIT, DEFAULT_TASK, LOCAL_TASKS
+from torchat.evaluation.tasks import DEFAULT_LIMIT, DEFAULT_TASKS, LOCAL_TASKS
 
-__all__ = ["DEFAULT_LIMIT", "DEFAULT_TASK", "LOCAL_TASKS", "evaluate"]
+__all__ = ["DEFAULT_LIMIT", "DEFAULT_TASKS", "LOCAL_TASKS", "evaluate"]

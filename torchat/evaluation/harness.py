@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from torchat.errors import TorchatError
-from torchat.evaluation.tasks import DEFAULT_LIMIT, DEFAULT_TASK, LOCAL_TASKS
+from torchat.evaluation.tasks import DEFAULT_LIMIT, LOCAL_TASKS
 
 # lm-eval's datasets would otherwise make one HEAD request per run, even for a local JSON file
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -31,10 +31,10 @@ def _environment(values: dict[str, str]):
 
 
 def default_limit(tasks: list[str], limit: int | float | None) -> int | float | None:
-    """--limit as given; unset, the default task alone runs DEFAULT_LIMIT documents, any other list all."""
+    """--limit as given; unset, local tasks alone run DEFAULT_LIMIT documents each, a list with a hub task all."""
     if limit is not None:
         return None if limit == 0 else limit
-    return DEFAULT_LIMIT if list(tasks) == [DEFAULT_TASK] else None
+    return DEFAULT_LIMIT if all(task in LOCAL_TASKS for task in tasks) else None
 
 
 def evaluate(model, tokenizer, tasks: list[str], limit: int | float | None = None, max_length: int | None = None,
