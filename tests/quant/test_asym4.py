@@ -81,3 +81,15 @@ def test_padded_input_dim_and_constant_groups_are_exact():
     assert layer.padded_in == 96
     assert torch.equal(layer.dequantized_weight(), w)
     assert torch.equal(group_sum_matrix(4, 2, torch.float32) @ torch.arange(4.0), torch.tensor([1.0, 5.0]))
+
+
+def test_8da4w_head_bitwidth_8_makes_the_head_8da8w():
+    from tiny_model import tiny_transformer
+
+    from torchat.quant import parse_quant, quantize_model
+    from torchat.quant.intx import Int8DynActInt8Linear
+
+    model = tiny_transformer()
+    quantize_model(model, parse_quant('{"linear:8da4w": {"group_size": 32, "grid": "asymmetric", "head_bitwidth": 8}}'))
+    assert type(model.output) is Int8DynActInt8Linear
+    assert type(model.layers[0].feed_forward.w1) is Int8DynActAsymInt4Linear

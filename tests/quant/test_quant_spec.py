@@ -22,9 +22,9 @@ def test_seed_single_quoted_python_dict():
     ('{"embedding": {"bitwidth": 4, "groupsize": 32}}', [QuantSpec("embedding", {"bitwidth": 4, "group_size": 32})]),
     ('{"embedding": {}}', [QuantSpec("embedding", {"bitwidth": 8, "group_size": 0})]),
     ('{"linear:a8w4dq": {"groupsize": 32}}', [QuantSpec("linear:8da4w", {"bitwidth": 4, "grid": "symmetric",
-                                                                        "group_size": 32})]),
+                                                                        "group_size": 32, "head_bitwidth": 4})]),
     ('{"linear:8da4w": {"grid": "asymmetric"}}', [QuantSpec("linear:8da4w", {"bitwidth": 4, "grid": "asymmetric",
-                                                                            "group_size": 256})]),
+                                                                            "group_size": 256, "head_bitwidth": 4})]),
     ('{"precision": {"dtype": "bfloat16"}}', [QuantSpec("precision", {"dtype": "bf16"})]),
     ("{}", []),
 ])

@@ -80,8 +80,9 @@ SCHEME_OPTIONS: dict[str, dict[str, Option]] = {
     "linear:int4": {"group_size": _group(128, INT4_GROUP_SIZES)},
     # grid: "symmetric" re-quantizes onto XNNPACK's zero-point-8 grid (ExecuTorch's recipe); "asymmetric" keeps a
     # scale and an offset per group on the same kernel, plus a per-group correction (torchat.quant.asym4)
+    # head_bitwidth 8: the output projection as 8da8w (per-channel int8 weights) instead
     "linear:8da4w": {"group_size": _group(256, INT4_GROUP_SIZES), "bitwidth": _choice(4),
-                     "grid": _choice("symmetric", "asymmetric")},
+                     "grid": _choice("symmetric", "asymmetric"), "head_bitwidth": _choice(4, 8)},
     "linear:8da8w": {"group_size": Option(0, lambda v: v == 0, "0 (one scale per output channel: XNNPACK has "
                                           "no group-wise int8 kernel)"), "bitwidth": _choice(8)},
     "linear:gptq": {"group_size": _group(128, INT4_GROUP_SIZES), **_CALIBRATION},
