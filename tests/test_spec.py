@@ -230,3 +230,23 @@ def test_the_matrix_leaves_out_what_a_backend_refuses(tmp_path):
     assert "alpha-q4-et" not in catalog.targets and "alpha-none-et" in catalog.targets  # refused quant scheme
     assert "alpha-none-bf16-et" not in catalog.targets and "alpha-none-aoti" in catalog.targets  # refused dtype
 
+
+
+def test_an_aoti_build_is_keyed_by_the_compiler_and_the_cpu_it_compiles_for(tmp_path, monkeypatch):
+    """Inductor compiles with -march=native: a .so built for one CPU must not be served to another under one key
+    (a remote cache would hand it out). An ExecuTorch build (XNNPACK picks kernels at run time) is not."""
+    from torchat.spec import graph
+    from torchat.spec.toolchain import compiled_code_target
+
+    here = compiled_code_target()
+    assert here["cxx"] and here["machine"]
+    targets = write_tiny_targets(tmp_path / "targets")
+
+    def specs(isa: str) -> dict[str, dict]:
+        monkeypatch.setattr(graph, "compiled_code_target", lambda: {**here, "isa": isa})
+        catalog = spec.load_catalog(targets)
+        return {b: json.loads(catalog.build_node(catalog.parse_target(f"alpha-q8-{b}")).spec) for b in ("aoti", "et")}
+
+    avx2, avx512 = specs("avx avx2 fma"), specs("avx avx2 avx512f fma")
+    assert avx2["aoti"]["native"]["isa"] == "avx avx2 fma" and avx2["aoti"] != avx512["aoti"]
+    assert "native" not in avx2["et"] and avx2["et"] == avx512["et"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from torchat.configs import KNOWN_CONFIGS
 from torchat.errors import TorchatError, unknown_key_error
 from torchat.spec.catalog import FP32_PARITY_PCT, ModelSpec, QuantPreset, Targets, TargetSpec, targets_dir
-from torchat.spec.toolchain import native_toolchain
+from torchat.spec.toolchain import compiled_code_target, native_toolchain
 from torchat.vocabulary import BACKENDS, Backend, Dtype
 
 
@@ -179,6 +179,8 @@ class Catalog(Targets):
         quantized = self.quantize_node(target.model, target.quant, target.dtype)
         max_seq_len = self.export_max_seq_len(target.model)
         spec = {"backend": target.backend, "dtype": target.dtype, "device": self.device, "max_seq_len": max_seq_len}
+        if target.backend == Backend.AOTI:
+            spec["native"] = compiled_code_target()
         if info.output is None:
             return self._node(Step.BUILD, target.name, spec, [("checkpoint", quantized)], (), target.model.key,
                               f"{target.name}: the quantized checkpoint, run eagerly", alias=True)

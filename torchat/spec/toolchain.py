@@ -1,4 +1,5 @@
-"""The native toolchain a C++ runner is built with, which enters the runner step's key. Standard library only."""
+"""The native toolchain a C++ runner or an AOTI build is compiled with, which enters the step's key. Standard
+library only."""
 
 import functools
 import os
@@ -18,3 +19,28 @@ def native_toolchain() -> dict[str, str]:
         except OSError:
             found[name] = "absent"
     return found
+
+
+# the x86 and Arm instruction-set extensions a compiler may use under -march=native (flags as /proc/cpuinfo names them)
+_ISA_PREFIXES = ("avx", "amx", "fma", "f16c", "bmi", "sse", "ssse", "vnni", "asimd", "sve", "sme2", "fp16", "bf16",
+                 "i8mm", "dotprod")
+
+
+@functools.cache
+def compiled_code_target() -> dict[str, str]:
+    """What an AOTI build's compiled code depends on besides its inputs: Inductor compiles the model's kernels with
+    the machine's C++ compiler and -march=native, so a .so built here may use instructions another CPU lacks. The
+    compiler's version and the CPU's instruction-set extensions enter an AOTI build's key: a machine with other ones
+    builds (or pulls from a remote cache) its own artifact instead of one that could crash it."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    flags.update(f for f in value.split() if f.startswith(_ISA_PREFIXES) or f == "sme")
+    except OSError:
+        pass
+    import platform
+
+    return {"cxx": native_toolchain()["cxx"], "machine": platform.machine(), "isa": " ".join(sorted(flags))}
