@@ -16,6 +16,7 @@ import pytest
 
 from torchat import spec, store
 from torchat.errors import TorchatError
+from torchat.spec.toolchain import compiled_code_target
 
 STUB = textwrap.dedent('''
     """A stand-in for `python -m torchat`: deterministic outputs from the inputs' bytes and the arguments."""
@@ -122,7 +123,9 @@ def test_realize_publishes_a_manifest_with_the_whole_preimage(tiny, tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.pt2"]
     assert manifest["key"] == store.sha256_json(manifest["preimage"])
     pre = manifest["preimage"]
-    assert pre["spec"] == {"backend": "aoti", "device": "cpu", "dtype": "bf16", "max_seq_len": 256}
+    # an AOTI build is compiled -march=native, so its key names the compiler and the CPU's ISA (test_spec checks it)
+    assert pre["spec"] == {"backend": "aoti", "device": "cpu", "dtype": "bf16", "max_seq_len": 256,
+                           "native": compiled_code_target()}
     assert set(pre["inputs"]) == {"checkpoint"} and "model.safetensors" in pre["inputs"]["checkpoint"]["outputs"]
     assert "torchat/model.py" in pre["code"] and {"python", "torch", "torchao"} <= set(pre["toolchain"])
     out = manifest["outputs"]["model.pt2"]
