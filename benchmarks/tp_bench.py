@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,15 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from llama_1b import LLAMA_32_1B, write_checkpoint  # noqa: E402
 from torchat.bench import CpuShare, host_info  # noqa: E402
 from torchat.parallel.launch import free_port, rank_environment  # noqa: E402
 
-# Llama-3.2-1B's config.json, in ModelArgs' terms
-LLAMA_32_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
-                   norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
-                   rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                     original_max_position_embeddings=8192))
 PROMPT = "Once upon a time, in a small village at the edge of a great forest, there lived"
 OUT = ROOT / "benchmarks" / "results" / "tp"
 
@@ -40,31 +36,6 @@ def lscpu() -> dict:
     model = re.search(r"Model name:\s*(.+)", text)
     return {"model_name": model.group(1).strip() if model else host_info()["cpu"], "cores": os.cpu_count(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
-
-
-def write_checkpoint(directory: Path) -> Path:
-    """The random Llama-3.2-1B-shaped checkpoint, written once (fp32, ~4.9 GB)."""
-    if (directory / "model.safetensors").is_file():
-        return directory
-    import torch
-    from safetensors.torch import save_file
-
-    from torchat.assets import fetch_asset
-    from torchat.checkpoint.base import expected_shapes
-    from torchat.model import ModelArgs
-
-    args = ModelArgs(**LLAMA_32_1B)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02)
-                  for name, shape in expected_shapes(args).items()}
-    save_file(state_dict, tmp / "model.safetensors")
-    (tmp / "model_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
-    shutil.copyfile(fetch_asset("llama3-tiktoken"), tmp / "tokenizer.model")
-    tmp.rename(directory)
-    return directory
 
 
 def run_generate(checkpoint: Path, tp: int, threads: int, tokens: int) -> dict:
