@@ -121,3 +121,14 @@ def test_every_source_of_a_quantized_model_generates_and_chats_as_eval_runs_it(s
     node = spec.load_catalog().node_for(spec.Step.BUILD, target)
     assert store.find(node) is not None
 
+
+
+def test_a_directory_converted_from_a_gguf_finds_its_tokenizer_gguf(tmp_path, smollm2_gguf):
+    """A canonical directory keeps its GGUF's metadata ("format": "gguf") but its vocabulary in tokenizer.gguf: the
+    tokenizer is that file, not the directory (export wrote tokenizer files from it and failed on a directory)."""
+    from torchat.convert import write_tokenizer_gguf
+    from torchat.model_source import find_tokenizer
+
+    write_tokenizer_gguf(smollm2_gguf, tmp_path / "tokenizer.gguf")
+    assert find_tokenizer(tmp_path, {"format": "gguf"}) == tmp_path / "tokenizer.gguf"
+    assert find_tokenizer(smollm2_gguf, {"format": "gguf"}) == smollm2_gguf

@@ -167,8 +167,9 @@ def _resolve_target(catalog, name: str, source: ModelSource) -> Resolved:
 # --- opening ---------------------------------------------------------------------------------------------------
 
 def find_tokenizer(checkpoint: Path, metadata: dict | None = None) -> Path:
-    """The tokenizer beside a checkpoint: the GGUF itself, or a known file name in its directory."""
-    if (metadata or {}).get("format") == "gguf" or (checkpoint.is_file() and checkpoint.suffix == ".gguf"):
+    """The tokenizer beside a checkpoint: the GGUF file itself, or a known file name in its directory (a directory
+    converted from a GGUF keeps the GGUF's metadata but its vocabulary in tokenizer.gguf)."""
+    if checkpoint.is_file() and ((metadata or {}).get("format") == "gguf" or checkpoint.suffix == ".gguf"):
         return checkpoint
     directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
     for name in TOKENIZER_NAMES:
