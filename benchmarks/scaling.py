@@ -207,6 +207,7 @@ def run_child(job: dict, scratch: Path) -> dict:
     out_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps(job))
     env = pte_child_environment() if job["system"] == "torchat" else dict(os.environ)
+    env.update(job.get("env") or {})
     proc = subprocess.run([sys.executable, __file__, "--job", str(job_file), str(out_file)], env=env,
                           stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not out_file.is_file():
@@ -222,6 +223,20 @@ def count_params(gguf: Path) -> int:
     from gguf import GGUFReader
 
     return sum(int(t.n_elements) for t in GGUFReader(str(gguf)).tensors if t.name != "rope_freqs.weight")
+
+
+def avx2_environment(hook_dir: Path) -> dict:
+    """The measurement processes' environment with AVX-512 hidden, as benchmarks/avx2_emulation.py sets it."""
+    import avx2_emulation as emulation
+
+    from torchat.sources import cache_dir
+
+    llama = cache_dir() / "llama-cpp-avx2"
+    emulation.build_llama_cpp_avx2(llama)
+    (hook_dir / "sitecustomize.py").write_text(emulation.HOOK.format(
+        fields=emulation.ISA_FIELDS, proc=emulation.PROC_NAMES, checked=emulation.CHECKED))
+    return {"PYTHONPATH": os.pathsep.join([str(hook_dir), str(llama), os.environ.get("PYTHONPATH", "")]),
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def plan(models: list[str], peer_types: tuple[str, ...], positions: list[int], repeats: int,
@@ -258,13 +273,16 @@ def render(report: dict) -> str:
     lines = [f"# Scaling: model size and context position ({report['created'][:10]})", "",
              f"{m['model_name']}, {m['cores']} cores, {m['memory_gib']} GiB; ISA {', '.join(report['host']['isa'])}; "
              f"{report['threads']} threads; read bandwidth {report['bandwidth_gb_s']} GB/s "
-             f"(torchat.bench.measure_bandwidth). torchat {report['toolchain'].get('executorch', '?')} ExecuTorch "
+             f"(torchat.bench.measure_bandwidth). torchat's ExecuTorch {report['toolchain'].get('executorch', '?')} "
              f"`.pte` (8da4w: int8 dynamic activations, int4 weights group 32 asymmetric, 8-bit head; fp32, KV "
              f"cache {CACHE_LEN} fp32) against llama.cpp (llama-cpp-python {report.get('peer_version', '?')}, "
              f"n_ctx {CACHE_LEN}, KV f16) on GGUFs of the same weights. Decode: {WINDOW} steps ending at the "
              f"position, median of {report['repeats']} (at {CACHE_LEN}: three consecutive windows after one "
              "prefill); prefill: the prompt before the window. Roofline: read bandwidth / (weight bytes + KV "
              "bytes filled) per step.", "",
+             *(["**AVX2 emulated** (`--avx2-emulated`): AVX-512 hidden from XNNPACK (cpuinfo's flags cleared), "
+                "MKL_ENABLE_INSTRUCTIONS=AVX2, llama.cpp built without AVX-512; the ISA above is the host's.", ""]
+               if report.get("avx2_emulated") else []),
              "| model (params) | position | system | decode tok/s (min-max) | vs llama.cpp Q4_1 | prefill tok/s "
              "(prompt) | vs llama.cpp Q4_1 | MB read/token (KV) | % of roofline | others' CPU (max) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -293,7 +311,8 @@ def plot(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = report["machine"]
-    subtitle = f"{m['model_name']}, {report['threads']} threads"
+    subtitle = f"{m['model_name']}, {report['threads']} threads" + (", AVX2 emulated" if report.get("avx2_emulated")
+                                                                   else "")
     results = [r for r in report["results"] if "error" not in r]
     labels = sorted({r["label"] for r in results}, key=lambda s: (s != "torchat 8da4w .pte", s))
     positions = sorted({p["position"] for r in results for p in r["points"]})
@@ -333,6 +352,8 @@ def plot(report: dict, out: Path) -> None:
                     ax.plot([p["position"] for p in r["points"]], [p["roofline_tok_s"] for p in r["points"]], "k:",
                             alpha=0.5, label="roofline (torchat's bytes)")
         ax.set(xscale="log", xlabel="context position", ylabel="decode tok/s", title=model)
+        ax.set_xticks(positions, [str(p) for p in positions])
+        ax.minorticks_off()
         ax.set_ylim(bottom=0)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -356,6 +377,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=OUT)
     parser.add_argument("--build-only", action="store_true", help="write the GGUFs and export the .pte files")
+    parser.add_argument("--avx2-emulated", action="store_true",
+                        help="hide AVX-512 from XNNPACK, MKL and llama.cpp (benchmarks/avx2_emulation.py's way)")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     for model in models:
@@ -375,6 +398,12 @@ def main() -> int:
 
     from torchat.bench import host_info, measure_bandwidth, toolchain_info, write_json
 
+    hook_dir = tempfile.TemporaryDirectory(prefix="torchat-avx2-") if args.avx2_emulated else None
+    if hook_dir:
+        env = avx2_environment(Path(hook_dir.name))
+        jobs = [{**job, "env": env} for job in jobs]
+        if args.output == OUT:
+            args.output = OUT.with_name("scaling-avx2-emulated")
     bandwidth = measure_bandwidth(args.threads)
     print(f"scaling: {len(jobs)} jobs, read bandwidth {bandwidth} GB/s", file=sys.stderr, flush=True)
     results = []
@@ -385,6 +414,7 @@ def main() -> int:
     report = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": lscpu(),
               "host": host_info(), "toolchain": toolchain_info(), "threads": args.threads,
               "bandwidth_gb_s": bandwidth, "repeats": args.repeats, "window": WINDOW, "cache_len": CACHE_LEN,
+              "avx2_emulated": args.avx2_emulated,
               "peer_version": next((r["peer_version"] for r in results if "peer_version" in r), None),
               "results": results}
     args.output.mkdir(parents=True, exist_ok=True)
