@@ -148,8 +148,9 @@ def timed_decode(model, token: int, pos: int, steps: int) -> tuple[int, float, f
     return token, time.perf_counter() - start, share.others()
 
 
-def run_job(job: dict) -> dict:
-    from torchat.bench import bench_prompt, peak_rss_mib
+def run_job(job: dict, out: Path) -> None:
+    """The job's points, written to `out` after each one: a process killed at 8192 (memory) keeps the others."""
+    from torchat.bench import bench_prompt, peak_rss_mib, write_json
     from torchat.tokenizers import load_tokenizer
 
     start = time.perf_counter()
@@ -196,8 +197,8 @@ def run_job(job: dict) -> dict:
         print(f"  {job['model']} {job['label']} @{position}: decode {points[-1]['decode_tok_s']:.2f} tok/s, "
               f"prefill {points[-1]['prefill_tok_s']:.1f} tok/s, {points[-1]['roofline_fraction']:.0%} of roofline, "
               f"others {points[-1]['others_cpu_max']:.0%}", file=sys.stderr, flush=True)
-    return {**{k: job[k] for k in ("model", "system", "label", "path", "params")}, **facts,
-            "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "points": points}
+        write_json(out, {**{k: job[k] for k in ("model", "system", "label", "path", "params")}, **facts,
+                         "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "points": points})
 
 
 def run_child(job: dict, scratch: Path) -> dict:
@@ -210,12 +211,15 @@ def run_child(job: dict, scratch: Path) -> dict:
     env.update(job.get("env") or {})
     proc = subprocess.run([sys.executable, __file__, "--job", str(job_file), str(out_file)], env=env,
                           stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0 or not out_file.is_file():
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        print("\n".join(lines[-20:]), file=sys.stderr)
-        return {**{k: job[k] for k in ("model", "system", "label", "path", "params")}, "error": lines[-1][:300]}
-    print(proc.stderr.strip(), file=sys.stderr)
-    return json.loads(out_file.read_text())
+    if proc.returncode == 0 and out_file.is_file():
+        print(proc.stderr.strip(), file=sys.stderr)
+        return json.loads(out_file.read_text())
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
+    print("\n".join(lines[-20:]), file=sys.stderr)
+    error = f"exit {proc.returncode}: {lines[-1][:300]}"
+    if out_file.is_file():  # the points measured before it failed
+        return {**json.loads(out_file.read_text()), "error_after": error}
+    return {**{k: job[k] for k in ("model", "system", "label", "path", "params")}, "error": error}
 
 
 def count_params(gguf: Path) -> int:
@@ -301,6 +305,8 @@ def render(report: dict) -> str:
                          f"{pratio} | {p['bytes_per_token'] / 1e6:.0f} ({p['kv_bytes'] / 1e6:.0f}) | "
                          f"{p['roofline_fraction']:.0%} | {p['others_cpu_max']:.0%}"
                          + (" contended" if p["contended"] else "") + " |")
+        if "error_after" in result:
+            lines.append(f"| {name} | later | {result['label']} | failed: {result['error_after']} | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -365,9 +371,7 @@ def plot(report: dict, out: Path) -> None:
 
 def main() -> int:
     if sys.argv[1:2] == ["--job"]:  # a child: one (model, system)
-        from torchat.bench import write_json
-
-        write_json(Path(sys.argv[3]), run_job(json.loads(Path(sys.argv[2]).read_text())))
+        run_job(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
