@@ -26,7 +26,8 @@ class Tolerance:
 # Float lowerings reorder sums (fusions, XNNPACK's GEMM): ~1e-5 of the logit scale in fp32. Dynamic-activation
 # quant rounds the activations itself (XNNPACK with its own qd8 parameters), and a rounding flip cascades through
 # the layers: SmolLM2's 30-layer 8da4w .pte differs from eager by 2.41 on random tokens (logit scale 32, 7.5 %),
-# with the weight scales already rounded to XNNPACK's bf16; a wrong lowering is off by 40x the scale or more.
+# with the weight scales already rounded to XNNPACK's bf16, and by 3.07 (9.4 %) on the asymmetric grid, 3.41
+# (10.6 %) with a 4-bit embedding too (issue 18); a wrong lowering is off by 40x the scale or more.
 # bf16 rounds every op to 8 bits of mantissa, and a compiler that fuses ops rounds less often than eager does:
 # SmolLM2's bf16 eager model is itself 1.13 away from its fp32 self on these inputs (scale 33.5, 3.4 %), and its
 # AOTI artifact 1.19 away from bf16 eager, so bf16 gets the quantized bound of 5 % of the scale.
@@ -34,7 +35,7 @@ TOLERANCES = {
     ("fp32", False): Tolerance(1e-4, 1e-5),
     ("bf16", False): Tolerance(0.1, 0.05),
     ("fp16", False): Tolerance(0.05, 0.01),
-    ("fp32", True): Tolerance(0.05, 0.1),
+    ("fp32", True): Tolerance(0.05, 0.125),
     ("bf16", True): Tolerance(0.1, 0.05),
     ("fp16", True): Tolerance(0.1, 0.04),
 }
