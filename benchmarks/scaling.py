@@ -197,7 +197,8 @@ def run_job(job: dict, out: Path) -> None:
         print(f"  {job['model']} {job['label']} @{position}: decode {points[-1]['decode_tok_s']:.2f} tok/s, "
               f"prefill {points[-1]['prefill_tok_s']:.1f} tok/s, {points[-1]['roofline_fraction']:.0%} of roofline, "
               f"others {points[-1]['others_cpu_max']:.0%}", file=sys.stderr, flush=True)
-        write_json(out, {**{k: job[k] for k in ("model", "system", "label", "path", "params")}, **facts,
+        write_json(out, {**{k: job[k] for k in ("model", "system", "label", "path", "params", "bandwidth_gb_s")},
+                         **facts, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                          "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "points": points})
 
 
@@ -274,16 +275,19 @@ def add_ratios(results: list[dict]) -> None:
 
 def render(report: dict) -> str:
     m = report["machine"]
+    bandwidths = sorted({r.get("bandwidth_gb_s") or report["bandwidth_gb_s"] for r in report["results"]})
     lines = [f"# Scaling: model size and context position ({report['created'][:10]})", "",
              f"{m['model_name']}, {m['cores']} cores, {m['memory_gib']} GiB; ISA {', '.join(report['host']['isa'])}; "
-             f"{report['threads']} threads; read bandwidth {report['bandwidth_gb_s']} GB/s "
-             f"(torchat.bench.measure_bandwidth). torchat's ExecuTorch {report['toolchain'].get('executorch', '?')} "
+             f"{report['threads']} threads; read bandwidth {' / '.join(map(str, bandwidths))} GB/s "
+             f"(torchat.bench.measure_bandwidth, at the start of each run; a point's roofline uses its run's). torchat's ExecuTorch {report['toolchain'].get('executorch', '?')} "
              f"`.pte` (8da4w: int8 dynamic activations, int4 weights group 32 asymmetric, 8-bit head; fp32, KV "
              f"cache {CACHE_LEN} fp32) against llama.cpp (llama-cpp-python {report.get('peer_version', '?')}, "
              f"n_ctx {CACHE_LEN}, KV f16) on GGUFs of the same weights. Decode: {WINDOW} steps ending at the "
              f"position, median of {report['repeats']} (at {CACHE_LEN}: three consecutive windows after one "
              "prefill); prefill: the prompt before the window. Roofline: read bandwidth / (weight bytes + KV "
              "bytes filled) per step.", "",
+             *([f"**Incomplete**: {report['jobs_done']} of {report['jobs_planned']} (model, system) jobs measured.",
+                ""] if report.get("jobs_done", 0) < report.get("jobs_planned", 0) else []),
              *(["**AVX2 emulated** (`--avx2-emulated`): AVX-512 hidden from XNNPACK (cpuinfo's flags cleared), "
                 "MKL_ENABLE_INSTRUCTIONS=AVX2, llama.cpp built without AVX-512; the ISA above is the host's.", ""]
                if report.get("avx2_emulated") else []),
@@ -369,6 +373,25 @@ def plot(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def write_report(results: list[dict], args, bandwidth: float, planned: int) -> dict:
+    from tp_bench import lscpu
+
+    from torchat.bench import host_info, toolchain_info, write_json
+
+    add_ratios(results)
+    report = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": lscpu(),
+              "host": host_info(), "toolchain": toolchain_info(), "threads": args.threads,
+              "bandwidth_gb_s": bandwidth, "repeats": args.repeats, "window": WINDOW, "cache_len": CACHE_LEN,
+              "avx2_emulated": args.avx2_emulated, "jobs_planned": planned, "jobs_done": len(results),
+              "peer_version": next((r["peer_version"] for r in results if "peer_version" in r), None),
+              "results": results}
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json(args.output / "scaling.json", report)
+    (args.output / "scaling.md").write_text(render(report))
+    plot(report, args.output)
+    return report
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--job"]:  # a child: one (model, system)
         run_job(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]))
@@ -381,6 +404,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=OUT)
     parser.add_argument("--build-only", action="store_true", help="write the GGUFs and export the .pte files")
+    parser.add_argument("--systems", default=None,
+                        help="only these systems, comma-separated: torchat, Q4_1, Q8_0, Q4_0 (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the output's earlier results for the (model, system) pairs not run now")
     parser.add_argument("--avx2-emulated", action="store_true",
                         help="hide AVX-512 from XNNPACK, MKL and llama.cpp (benchmarks/avx2_emulation.py's way)")
     args = parser.parse_args()
@@ -393,14 +420,15 @@ def main() -> int:
         parser.error(f"positions must lie in ({WINDOW * args.repeats}, {CACHE_LEN}]")
     peer_types = tuple(t for t in args.peers.split(",") if t)
     jobs = plan(models, peer_types, positions, args.repeats, args.threads)
+    if args.systems:
+        wanted = {f"llama.cpp {s}" if s != "torchat" else "torchat 8da4w .pte" for s in args.systems.split(",")}
+        jobs = [job for job in jobs if job["label"] in wanted]
     if args.build_only:
         return 0
 
     import tempfile
 
-    from tp_bench import lscpu
-
-    from torchat.bench import host_info, measure_bandwidth, toolchain_info, write_json
+    from torchat.bench import measure_bandwidth
 
     hook_dir = tempfile.TemporaryDirectory(prefix="torchat-avx2-") if args.avx2_emulated else None
     if hook_dir:
@@ -411,20 +439,15 @@ def main() -> int:
     bandwidth = measure_bandwidth(args.threads)
     print(f"scaling: {len(jobs)} jobs, read bandwidth {bandwidth} GB/s", file=sys.stderr, flush=True)
     results = []
+    if args.merge and (args.output / "scaling.json").is_file():
+        rerun = {(job["model"], job["label"]) for job in jobs}
+        results = [r for r in json.loads((args.output / "scaling.json").read_text())["results"]
+                   if (r["model"], r["label"]) not in rerun]
+    planned = len(results) + len(jobs)
     with tempfile.TemporaryDirectory(prefix="torchat-scaling-") as scratch:
-        for job in jobs:
+        for job in jobs:  # the report is rewritten after each job: a series cut short keeps what it measured
             results.append(run_child({**job, "bandwidth_gb_s": bandwidth}, Path(scratch)))
-    add_ratios(results)
-    report = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": lscpu(),
-              "host": host_info(), "toolchain": toolchain_info(), "threads": args.threads,
-              "bandwidth_gb_s": bandwidth, "repeats": args.repeats, "window": WINDOW, "cache_len": CACHE_LEN,
-              "avx2_emulated": args.avx2_emulated,
-              "peer_version": next((r["peer_version"] for r in results if "peer_version" in r), None),
-              "results": results}
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_json(args.output / "scaling.json", report)
-    (args.output / "scaling.md").write_text(render(report))
-    plot(report, args.output)
+            report = write_report(results, args, bandwidth, planned)
     print(render(report))
     return 0 if all("error" not in r for r in results) else 1
 
