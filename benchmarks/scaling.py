@@ -279,8 +279,9 @@ def render(report: dict) -> str:
     lines = [f"# Scaling: model size and context position ({report['created'][:10]})", "",
              f"{m['model_name']}, {m['cores']} cores, {m['memory_gib']} GiB; ISA {', '.join(report['host']['isa'])}; "
              f"{report['threads']} threads; read bandwidth {' / '.join(map(str, bandwidths))} GB/s "
-             f"(torchat.bench.measure_bandwidth, at the start of each run; a point's roofline uses its run's). torchat's ExecuTorch {report['toolchain'].get('executorch', '?')} "
-             f"`.pte` (8da4w: int8 dynamic activations, int4 weights group 32 asymmetric, 8-bit head; fp32, KV "
+             f"(torchat.bench.measure_bandwidth, at the start of each run; other processes lower it, so every point's "
+             f"roofline here uses the highest, {bandwidths[-1]} GB/s). torchat's ExecuTorch "
+             f"{report['toolchain'].get('executorch', '?')} `.pte` (8da4w: int8 dynamic activations, int4 weights group 32 asymmetric, 8-bit head; fp32, KV "
              f"cache {CACHE_LEN} fp32) against llama.cpp (llama-cpp-python {report.get('peer_version', '?')}, "
              f"n_ctx {CACHE_LEN}, KV f16) on GGUFs of the same weights. Decode: {WINDOW} steps ending at the "
              f"position, median of {report['repeats']} (at {CACHE_LEN}: three consecutive windows after one "
@@ -307,7 +308,8 @@ def render(report: dict) -> str:
             pratio = f"{p['prefill_vs_llama_q4_1']:.2f}x" if "prefill_vs_llama_q4_1" in p else ""
             lines.append(f"| {name} | {p['position']} | {result['label']} | {decode} | {ratio} | {prefill} | "
                          f"{pratio} | {p['bytes_per_token'] / 1e6:.0f} ({p['kv_bytes'] / 1e6:.0f}) | "
-                         f"{p['roofline_fraction']:.0%} | {p['others_cpu_max']:.0%}"
+                         f"{p['decode_tok_s'] * p['bytes_per_token'] / (bandwidths[-1] * 1e9):.0%} | "
+                         f"{p['others_cpu_max']:.0%}"
                          + (" contended" if p["contended"] else "") + " |")
         if "error_after" in result:
             lines.append(f"| {name} | later | {result['label']} | failed: {result['error_after']} | | | | | | |")
@@ -408,6 +410,8 @@ def main() -> int:
                         help="only these systems, comma-separated: torchat, Q4_1, Q8_0, Q4_0 (default: all)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the output's earlier results for the (model, system) pairs not run now")
+    parser.add_argument("--wait-quiet", type=float, default=0.0,
+                        help="seconds to wait before each job for others to use <10 %% of the CPU")
     parser.add_argument("--avx2-emulated", action="store_true",
                         help="hide AVX-512 from XNNPACK, MKL and llama.cpp (benchmarks/avx2_emulation.py's way)")
     args = parser.parse_args()
@@ -428,7 +432,7 @@ def main() -> int:
 
     import tempfile
 
-    from torchat.bench import measure_bandwidth
+    from torchat.bench import measure_bandwidth, wait_for_quiet
 
     hook_dir = tempfile.TemporaryDirectory(prefix="torchat-avx2-") if args.avx2_emulated else None
     if hook_dir:
@@ -436,6 +440,8 @@ def main() -> int:
         jobs = [{**job, "env": env} for job in jobs]
         if args.output == OUT:
             args.output = OUT.with_name("scaling-avx2-emulated")
+    if args.wait_quiet:
+        wait_for_quiet(CONTENDED, args.wait_quiet)
     bandwidth = measure_bandwidth(args.threads)
     print(f"scaling: {len(jobs)} jobs, read bandwidth {bandwidth} GB/s", file=sys.stderr, flush=True)
     results = []
@@ -446,6 +452,8 @@ def main() -> int:
     planned = len(results) + len(jobs)
     with tempfile.TemporaryDirectory(prefix="torchat-scaling-") as scratch:
         for job in jobs:  # the report is rewritten after each job: a series cut short keeps what it measured
+            if args.wait_quiet:
+                wait_for_quiet(CONTENDED, args.wait_quiet)
             results.append(run_child({**job, "bandwidth_gb_s": bandwidth}, Path(scratch)))
             report = write_report(results, args, bandwidth, planned)
     print(render(report))
