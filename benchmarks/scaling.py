@@ -381,6 +381,7 @@ def write_report(results: list[dict], args, bandwidth: float, planned: int) -> d
     from torchat.bench import host_info, toolchain_info, write_json
 
     add_ratios(results)
+    results.sort(key=lambda r: (r["params"], r["label"] != "torchat 8da4w .pte", r["label"]))
     report = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": lscpu(),
               "host": host_info(), "toolchain": toolchain_info(), "threads": args.threads,
               "bandwidth_gb_s": bandwidth, "repeats": args.repeats, "window": WINDOW, "cache_len": CACHE_LEN,
