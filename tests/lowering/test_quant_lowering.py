@@ -62,7 +62,7 @@ def test_weight_only_linear_to_executorch_is_refused(tiny_checkpoint, tmp_path, 
 
 
 def test_asymmetric_8da4w_keeps_one_xnnpack_call_a_layer(tiny_artifacts):
-    """The per-group correction (an average pool and an fp32 linear) joins the 4-bit GEMMs in the layer's one delegate call."""
+    """The per-group correction (two fp32 linears) joins the 4-bit GEMMs in the layer's one delegate call."""
     from collections import Counter
 
     from executorch.exir._serialize._program import deserialize_pte_binary

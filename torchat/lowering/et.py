@@ -151,55 +151,13 @@ def constant_methods(metadata: ArtifactMetadata) -> dict:
     return methods
 
 
-def xnnpack_partitioner():
-    """ExecuTorch's XNNPACK partitioner, plus squeezing the last dim (`squeeze_copy.dim`), which XNNPACK's delegate
-    runs as a reshape (its SqueezeVisitor) but for which ExecuTorch 1.5 ships no partitioner config: without it the
-    asymmetric 8da4w layer's group means (an average pool between an unsqueeze and a squeeze of the last dim,
-    torchat/quant/asym4.py) split each layer's delegate call in four. Written here for that one op; edge programs
-    spell the squeeze `squeeze_copy.dims`, which `SqueezeOneDim` turns into `squeeze_copy.dim` first."""
-    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import GenericNodePartitionerConfig
-    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from torch.fx.experimental.symbolic_shapes import free_symbols
-
-    class SqueezeLastDimConfig(GenericNodePartitionerConfig):
-        target_name = "squeeze_copy.dim"
-
-        def check_constraints(self, node: torch.fx.Node, ep: ExportedProgram) -> bool:
-            if not self.check_common_constraints(node, ep):
-                return False
-            rank = len(node.args[0].meta["val"].shape)
-            dynamic = sum(1 for d in node.meta["val"].shape if free_symbols(d))
-            return node.args[1] in (-1, rank - 1) and dynamic <= 1  # what the visitor's reshape takes
-
-        def supported_precision_types(self) -> list:
-            return [ConfigPrecisionType.FP32]
-
-    return XnnpackPartitioner(configs=[*ALL_PARTITIONER_CONFIGS, SqueezeLastDimConfig])
-
-
-def squeeze_one_dim_pass():
-    """An edge pass: `squeeze_copy.dims` of one dim -> `squeeze_copy.dim` (the spelling XNNPACK's visitor takes)."""
-    from executorch.exir.dialects._ops import ops as exir_ops
-    from executorch.exir.pass_base import ExportPass
-
-    class SqueezeOneDim(ExportPass):
-        def call_operator(self, op, args, kwargs, meta):
-            if op == exir_ops.edge.aten.squeeze_copy.dims and len(args[1]) == 1:
-                op, args = exir_ops.edge.aten.squeeze_copy.dim, (args[0], args[1][0])
-            return super().call_operator(op, args, kwargs, meta)
-
-    return SqueezeOneDim()
-
-
 def lower_et(program: ExportedProgram, metadata: ArtifactMetadata, output: Path) -> None:
     """Lower `program` to an XNNPACK-delegated ExecuTorch program `output` (.pte)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     with torch.no_grad():
-        edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()],
-                                           transform_passes=[squeeze_one_dim_pass()],
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                            constant_methods=constant_methods(metadata))
         executorch_program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,

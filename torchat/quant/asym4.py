@@ -7,10 +7,9 @@ SmolLM2 +68-72 % word perplexity (issue 18). The asymmetric grid splits exactly:
     s·c + b = s·(c − 8) + (b + 8·s)
 
 so the layer is the symmetric 8da4w GEMM on the codes c − 8 plus a correction that is constant within a group:
-the per-group means of the activations times group_size·C (out, groups), C = b + 8·s. The means are a global
-average pool over x and the product an fp32 linear, both of which XNNPACK delegates in the same
-partition as the 4-bit GEMM; C holds 1/group_size of the weight's entries. (A group-sum matrix S, x @ Sᵀ, costs
-as many bytes as C again on every step: on SmolLM2 it was 16 of the ~90 MB a decoded token reads.)
+the per-group sums of the activations, x @ Sᵀ with a fixed 0/1 matrix S (groups, in), times C (out, groups),
+C = b + 8·s. Both are ordinary fp32 linears that XNNPACK delegates in the same partition as the 4-bit GEMM, and
+they are small (S and C hold 1/group_size of the weight's entries).
 
 `asymmetric_int4_grid` finds the grid a float weight already lies on (a GGUF Q4_0/Q4_1 tensor dequantized, even
 after a cast to bf16), so such a checkpoint maps onto the layer without re-quantization; a group that lies on no
@@ -80,11 +79,10 @@ def asymmetric_int4_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return codes.to(torch.uint8).reshape(w.shape), scale[..., 0], offset[..., 0]
 
 
-def group_means(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(..., in) -> (..., in / group_size): the mean of each group of x's columns, as an average pool over (in, 1)
-    between an unsqueeze and a squeeze of the last dim, which XNNPACK delegates (a reshape with the dynamic token
-    dim it does not) and which reads x only, no weights."""
-    return F.avg_pool2d(x.unsqueeze(-1), (group_size, 1), (group_size, 1)).squeeze(-1)
+def group_sum_matrix(in_features: int, group_size: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """(in / group_size, in) 0/1: x @ Sᵀ sums each group of x's columns (a linear, which XNNPACK delegates)."""
+    groups = in_features // group_size
+    return torch.eye(groups, dtype=dtype, device=device).repeat_interleave(group_size, dim=1)
 
 
 def bf16_exact(scale: torch.Tensor) -> torch.Tensor:
@@ -98,8 +96,7 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
 
     Plain form: qdata (out, in/2) uint8 codes in [0, 15], scale and offset (out, groups) in the float dtype.
     Runtime form: `weight`, torchao's IntxUnpackedToInt8Tensor of codes − 8 with bf16-exact scales, and
-    `correction` group_size·C (out, groups), the weight of the group means; C is least-squares over each group
-    for what rounding the scale to bf16 moved.
+    `correction` C (out, groups), least-squares over each group for what rounding the scale to bf16 moved.
     quantize_activations=False leaves the activations in float (for tests: then the layer is x @ Wᵀ).
     """
 
@@ -118,6 +115,8 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         self.register_buffer("qdata", qdata)
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
+        self.register_buffer("group_sum", group_sum_matrix(self.padded_in, group_size, scale.dtype, scale.device),
+                             persistent=False)
         self.weight = None
         self.correction = None
 
@@ -155,7 +154,7 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
     def dequantized_weight(self) -> torch.Tensor:
         if self.packed:
             sym = self.weight.dequantize().float()
-            correction = (self.correction.float() / self.group_size).repeat_interleave(self.group_size, dim=1)
+            correction = self.correction.float().repeat_interleave(self.group_size, dim=1)
             return (sym + correction)[:, :self.in_features].to(self.float_dtype)
         # scale·c + offset in float32, the order gguf's Q4_1 dequantizer computes in
         grouped = group_view(self.codes(), self.group_size) * self.scale.float()[..., None] + self.offset.float()[
@@ -163,13 +162,13 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         return grouped.reshape(self.out_features, -1)[:, :self.in_features].to(self.float_dtype)
 
     def _runtime_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes − 8 int8 (out, padded_in), bf16-exact scale, group_size·C (out, groups)) in the float dtype."""
+        """(codes − 8 int8 (out, padded_in), bf16-exact scale, correction (out, groups)) in the float dtype."""
         codes = self.codes()
         scale = self.scale.float()
         run_scale = bf16_exact(scale)
         # b + 8·s' + (s − s')·mean(c): the group's mean of what s'·(c − 8) leaves of s·c + b
         mean_codes = group_view(codes, self.group_size).mean(-1)
-        correction = (self.offset.float() + 8 * run_scale + (scale - run_scale) * mean_codes) * self.group_size
+        correction = self.offset.float() + 8 * run_scale + (scale - run_scale) * mean_codes
         dtype = self.scale.dtype
         return (codes - 8).to(torch.int8), run_scale.to(dtype), correction.to(dtype)
 
@@ -184,12 +183,14 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
                                           torch.int4, [1, self.group_size], run_scale.dtype, act)
         self.weight = nn.Parameter(tensor, requires_grad=False)
         self.correction = correction
+        # rebuilt here: a non-persistent buffer made on the meta device (load_quantized) loads no values
+        self.group_sum = group_sum_matrix(self.padded_in, self.group_size, correction.dtype, correction.device)
         self.qdata = self.scale = self.offset = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_columns(x, self.padded_in)
-        # (..., groups): each group of x's columns averaged, times group_size·C (out, groups)
-        corrected = F.linear(group_means(x, self.group_size),
+        # (..., groups): each group of x's columns summed, times C (out, groups)
+        corrected = F.linear(F.linear(x, self.group_sum.to(x.dtype)),
                              (self.correction if self.packed else self._plain_correction()).to(x.dtype))
         if self.packed:
             return F.linear(x, self.weight) + corrected
@@ -201,8 +202,7 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         return F.linear(xq, symmetric.reshape(self.out_features, -1).to(x.dtype)) + corrected
 
     def _plain_correction(self) -> torch.Tensor:
-        # b + 8·s: s·c + b = s·(c − 8) + (b + 8·s), times group_size (a power of two: exact) for the means
-        return (self.offset.float() + 8 * self.scale.float()) * self.group_size
+        return self.offset.float() + 8 * self.scale.float()  # b + 8·s: s·c + b = s·(c − 8) + (b + 8·s)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
