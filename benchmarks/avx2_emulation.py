@@ -84,7 +84,8 @@ def build_llama_cpp_avx2(target: Path) -> None:
     env = {**os.environ, "CMAKE_ARGS": LLAMA_CPP_AVX2_FLAGS}
     # --no-cache-dir: pip's wheel cache is keyed by the sdist, not CMAKE_ARGS, and would hand back a native build
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--no-binary",
-                    "llama-cpp-python", "--target", str(scratch), f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+                    "llama-cpp-python", "--target", str(scratch), f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+                    "diskcache"],  # llama_cpp imports it; --no-deps leaves it out of the target
                    env=env, check=True)
     info = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info())"],
                           env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True, text=True, check=True)
