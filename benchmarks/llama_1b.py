@@ -18,11 +18,6 @@ LLAMA_32_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=1
                    rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                      original_max_position_embeddings=8192))
 
-# canonical name (without `.weight`) -> llama.cpp's; per-layer names under `layers.N.` / `blk.N.`
-GGUF_GLOBAL = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
-GGUF_LAYER = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
 # the head (the tied embedding) stays 8-bit in the 4-bit files, as in the shipped SmolLM2 Q4_1 GGUF and as
 # torchat's 8da4w preset keeps it
 HEAD_TYPE = "Q8_0"
@@ -75,14 +70,6 @@ def rope_factors(args: dict) -> list[float]:
     return factors
 
 
-def _gguf_name(name: str) -> str:
-    stem = name.removesuffix(".weight")
-    if stem in GGUF_GLOBAL:
-        return GGUF_GLOBAL[stem] + ".weight"
-    _, layer, rest = stem.split(".", 2)
-    return f"blk.{layer}.{GGUF_LAYER[rest]}.weight"
-
-
 def write_gguf(checkpoint: Path, output: Path, type_name: str, tokenizer_gguf: Path) -> Path:
     """The checkpoint's weights as a llama GGUF: matrices in `type_name` (the head/embedding in Q8_0), norms in
     F32, q/k rows in the interleaved rotary layout llama.cpp's converter writes (torchat's reader undoes it).
@@ -98,6 +85,7 @@ def write_gguf(checkpoint: Path, output: Path, type_name: str, tokenizer_gguf: P
     from safetensors import safe_open
 
     from torchat.checkpoint.base import permute_hf_to_meta
+    from torchat.checkpoint.gguf import gguf_tensor_name
 
     args = json.loads((checkpoint / "model_args.json").read_text())
     tmp = output.with_name(output.name + ".part")
@@ -138,11 +126,11 @@ def write_gguf(checkpoint: Path, output: Path, type_name: str, tokenizer_gguf: P
                 tensor = permute_hf_to_meta(tensor, args["n_kv_heads"])
             values = tensor.numpy()
             if values.ndim == 1:
-                writer.add_tensor(_gguf_name(name), values)
+                writer.add_tensor(gguf_tensor_name(name), values)
                 continue
             kind = GGMLQuantizationType[HEAD_TYPE if name == "tok_embeddings.weight" else type_name]
             packed = quantize(values, kind)
-            writer.add_tensor(_gguf_name(name), packed, raw_shape=packed.shape, raw_dtype=kind)
+            writer.add_tensor(gguf_tensor_name(name), packed, raw_shape=packed.shape, raw_dtype=kind)
             del tensor, values
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -14,7 +14,7 @@ from gguf_fixtures import (TINY, TINY_K, Q, gguf_name, llama31_rope_freqs, llama
 from tiny_model import tiny_args, tiny_transformer
 
 from torchat.checkpoint.base import permute_meta_to_hf
-from torchat.checkpoint.gguf import GGUF_TYPES, gguf_metadata, read_gguf
+from torchat.checkpoint.gguf import GGUF_TYPES, gguf_metadata, gguf_tensor_name, read_gguf
 from torchat.configs import lookup_config
 from torchat.errors import TorchatError
 from torchat.model import ModelArgs, Transformer
@@ -255,3 +255,10 @@ def test_smollm2_tensors_and_metadata(smollm2, smollm2_gguf):
     expected = dequantize(embedding.data, embedding.tensor_type)
     assert torch.equal(smollm2.state_dict["tok_embeddings.weight"], torch.from_numpy(expected))
 
+
+
+def test_gguf_tensor_name_is_the_readers_inverse():
+    """Every canonical tensor of a model gets llama.cpp's name, as the test fixtures' own table writes it."""
+    names = tiny_transformer(tiny_args()).state_dict().keys()
+    for name in names:
+        assert gguf_tensor_name(name) == gguf_name(name), name

@@ -39,6 +39,8 @@ _LAYER_NAMES = {
     "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
 }
+_GGUF_GLOBAL_NAMES = {canonical: name for name, canonical in _GLOBAL_NAMES.items()}
+_GGUF_LAYER_NAMES = {canonical: name for name, canonical in _LAYER_NAMES.items()}
 # Llama-3.1-style files carry the rotary frequency divisors as a tensor, not as metadata.
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -125,6 +127,15 @@ def _canonical_name(gguf_name: str, path: Path) -> str:
         return f"layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
     raise TorchatError(f"{path}: unexpected tensor {gguf_name!r}; torchat reads llama-architecture GGUF files "
                        "with the tensors llama.cpp's converter writes")
+
+
+def gguf_tensor_name(canonical_name: str) -> str:
+    """The GGUF (llama.cpp) name of a canonical tensor name: `_canonical_name`'s inverse, for writing a GGUF."""
+    stem = canonical_name.removesuffix(".weight")
+    if stem in _GGUF_GLOBAL_NAMES:
+        return f"{_GGUF_GLOBAL_NAMES[stem]}.weight"
+    _, layer, rest = stem.split(".", 2)
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}.weight"
 
 
 def _check_types(tensors: dict[str, ReaderTensor], path: Path) -> None:
