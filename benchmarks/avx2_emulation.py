@@ -94,6 +94,19 @@ def build_llama_cpp_avx2(target: Path) -> None:
     scratch.rename(target)
 
 
+def emulation_environment(hook_dir: Path) -> dict:
+    """The variables a measurement process needs to run with AVX-512 hidden: the cpuinfo hook written into
+    `hook_dir` and the AVX2 llama.cpp (built once) first on PYTHONPATH, MKL and ATen held to AVX2."""
+    sys.path.insert(0, str(ROOT))
+    from torchat.sources import cache_dir
+
+    llama = cache_dir() / "llama-cpp-avx2"
+    build_llama_cpp_avx2(llama)
+    Path(hook_dir, "sitecustomize.py").write_text(HOOK.format(fields=ISA_FIELDS, proc=PROC_NAMES, checked=CHECKED))
+    return {"PYTHONPATH": os.pathsep.join([str(hook_dir), str(llama), os.environ.get("PYTHONPATH", "")]),
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="8da4w-et,8da8w-et")
@@ -107,16 +120,8 @@ def main() -> int:
     if "avx512f" not in flags:
         raise SystemExit("this CPU has no AVX-512: measure it directly with benchmarks/run_all.py")
 
-    sys.path.insert(0, str(ROOT))
-    from torchat.sources import cache_dir
-
-    llama = cache_dir() / "llama-cpp-avx2"
-    build_llama_cpp_avx2(llama)
     with tempfile.TemporaryDirectory(prefix="torchat-avx2-") as hook_dir:
-        Path(hook_dir, "sitecustomize.py").write_text(HOOK.format(fields=ISA_FIELDS, proc=PROC_NAMES,
-                                                                  checked=CHECKED))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([hook_dir, str(llama), os.environ.get("PYTHONPATH", "")]),
-               "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+        env = {**os.environ, **emulation_environment(Path(hook_dir))}
         rc = subprocess.run([sys.executable, str(ROOT / "benchmarks/run_all.py"), "--rows", args.rows,
                              "--peers", args.peers, "--runs", str(args.runs), "--threads", "2",
                              "--wait-quiet", str(args.wait_quiet), "--output", str(args.output)], env=env).returncode

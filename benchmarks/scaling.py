@@ -230,20 +230,6 @@ def count_params(gguf: Path) -> int:
     return sum(int(t.n_elements) for t in GGUFReader(str(gguf)).tensors if t.name != "rope_freqs.weight")
 
 
-def avx2_environment(hook_dir: Path) -> dict:
-    """The measurement processes' environment with AVX-512 hidden, as benchmarks/avx2_emulation.py sets it."""
-    import avx2_emulation as emulation
-
-    from torchat.sources import cache_dir
-
-    llama = cache_dir() / "llama-cpp-avx2"
-    emulation.build_llama_cpp_avx2(llama)
-    (hook_dir / "sitecustomize.py").write_text(emulation.HOOK.format(
-        fields=emulation.ISA_FIELDS, proc=emulation.PROC_NAMES, checked=emulation.CHECKED))
-    return {"PYTHONPATH": os.pathsep.join([str(hook_dir), str(llama), os.environ.get("PYTHONPATH", "")]),
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-
-
 def plan(models: list[str], peer_types: tuple[str, ...], positions: list[int], repeats: int,
          threads: int) -> list[dict]:
     jobs = []
@@ -437,7 +423,9 @@ def main() -> int:
 
     hook_dir = tempfile.TemporaryDirectory(prefix="torchat-avx2-") if args.avx2_emulated else None
     if hook_dir:
-        env = avx2_environment(Path(hook_dir.name))
+        from avx2_emulation import emulation_environment
+
+        env = emulation_environment(Path(hook_dir.name))
         jobs = [{**job, "env": env} for job in jobs]
         if args.output == OUT:
             args.output = OUT.with_name("scaling-avx2-emulated")
