@@ -131,24 +131,25 @@ def main() -> None:
             shutil.rmtree(work / "baked", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # rows of a run with other settings (before the verse column: 4096 Botchan tokens) are not comparable: dropped
-    same = [r for r in previous if "verse_perplexity" in r and r.get("eval_tokens", len(ids)) == len(ids)]
-    merged = {r["row"]: r for r in same} | {r["row"]: r | {"eval_tokens": len(ids)} for r in results}
+    meta = {"eval_tokens": len(ids), "verse_tokens": len(verse_ids), "window": args.window,
+            "threads": args.threads, "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    # rows of a run with other texts or windows are not comparable: kept only if the settings match
+    settings = ("eval_tokens", "verse_tokens", "window")
+    same = previous["rows"] if all(previous["meta"].get(k) == meta[k] for k in settings) else []
+    merged = {r["row"]: r for r in same} | {r["row"]: r for r in results}
     ordered = [merged[r] for r in ROWS if r in merged]
-    meta = {"eval_tokens": len(ids), "verse_tokens": len(verse_ids), "window": args.window, "threads": args.threads, "host": platform.node(),
-            "cpus": os.cpu_count(), "torch": torch.__version__}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": ordered}, indent=2) + "\n")
     args.output.with_suffix(".md").write_text(render(meta, ordered))
 
 
-def _read_previous(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["rows"] if path.is_file() else []
+def _read_previous(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"meta": {}, "rows": []}
 
 
 def render(meta: dict, rows: list[dict]) -> str:
     base = next((r["perplexity"] for r in rows if r["row"] == "fp32"), None)
-    verse_base = next((r.get("verse_perplexity") for r in rows if r["row"] == "fp32"), None)
+    verse_base = next((r["verse_perplexity"] for r in rows if r["row"] == "fp32"), None)
     lines = [
         "# Quantization quality: SmolLM2-135M-Instruct",
         "",
@@ -168,10 +169,8 @@ def render(meta: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         delta = f"{(r['perplexity'] / base - 1) * 100:+.2f} %" if base else ""
-        verse = r.get("verse_perplexity")
-        verse_cells = (f"{verse:.3f} | {(verse / verse_base - 1) * 100:+.2f} %" if verse and verse_base
-                       else (f"{verse:.3f} | " if verse else " | "))
-        lines.append(f"| {r['row']} | {r['perplexity']:.3f} | {delta} | {verse_cells} | "
+        verse_delta = f"{(r['verse_perplexity'] / verse_base - 1) * 100:+.2f} %" if verse_base else ""
+        lines.append(f"| {r['row']} | {r['perplexity']:.3f} | {delta} | {r['verse_perplexity']:.3f} | {verse_delta} | "
                      f"{r['size_bytes'] / 2**20:.1f} MiB | "
                      f"{r['bake_s']} | {r['eval_s']} | {r['others_cpu_share'] * 100:.0f} % | "
                      f"{r['report'].replace(chr(10), '; ')} |")
@@ -184,12 +183,12 @@ def targets(rows: list[dict], base: float | None) -> list[str]:
     if base is None:
         return []
     out = ["", "Targets:", ""]
-    verse = {r["row"]: r.get("verse_perplexity") for r in rows}
+    verse = {r["row"]: r["verse_perplexity"] for r in rows}
     for row in ("int8", "int8-g32"):
         if row in ppl:
             out.append(f"- {row} <= +1 % over fp32 on Botchan: {(ppl[row] / base - 1) * 100:+.2f} % "
                        f"({'met' if ppl[row] <= base * 1.01 else 'MISSED'})")
-        if verse.get(row) and verse.get("fp32"):
+        if row in verse and "fp32" in verse:
             out.append(f"- {row} <= +1 % over fp32 on Macbeth: {(verse[row] / verse['fp32'] - 1) * 100:+.2f} % "
                        f"({'met' if verse[row] <= verse['fp32'] * 1.01 else 'MISSED'})")
     if "int4-g32" in ppl:
