@@ -99,12 +99,12 @@ def _llama31_scale(inv_freq: torch.Tensor, factor: float, low_freq_factor: float
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                rotated: torch.Tensor | None = None) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim). rotated: x's rotate-half when the caller
-    computes it another way."""
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim), or 4D broadcasting to x (a table for each
+    head). rotated: x's rotate-half when the caller computes it another way."""
     if rotated is None:
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (t[None, :, None, :] if t.dim() == 2 else t for t in (cos, sin))
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 

@@ -75,3 +75,26 @@ def test_asymmetric_8da4w_keeps_one_xnnpack_call_a_layer(tiny_artifacts):
     kinds = Counter(type(instruction.instr_args).__name__ for chain in plan.chains
                     for instruction in chain.instructions)
     assert kinds["DelegateCall"] == TINY_CHECKPOINT_ARGS["n_layers"] + 1
+
+
+@pytest.mark.parametrize("quant", [{}, {"linear:8da4w": {"group_size": 32}}, {"linear:8da8w": {}},
+                                   {"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}], ids=json.dumps)
+def test_fused_qkv_projection_is_the_three_projections_side_by_side(quant):
+    """The .pte's one q/k/v GEMM (torchat.lowering.et.fused_linear) computes what wq, wk and wv compute apart:
+    the same codes, scales and corrections, and the same per-token activation quantization."""
+    from tiny_model import tiny_transformer
+
+    from torchat.lowering.et import fused_linear
+
+    model = tiny_transformer()
+    if quant:
+        quantize_model(model, parse_quant(json.dumps(quant)))
+    attention = model.layers[0].attention
+    projections = [attention.wq, attention.wk, attention.wv]
+    fused = fused_linear(projections)
+    assert fused is not None and type(fused) is type(attention.wq)
+    x = torch.randn(2, 5, model.args.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([p(x) for p in projections], dim=-1), rtol=1e-5, atol=1e-5)
+    if quant:  # a quantized and a float projection have no one form
+        assert fused_linear([attention.wq, torch.nn.Linear(model.args.dim, 8, bias=False)]) is None

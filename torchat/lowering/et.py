@@ -30,6 +30,7 @@ from torch.export import ExportedProgram
 
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
 from torchat.model import Attention, KVCache, RMSNorm, Transformer, apply_rope
+from torchat.quant.base import QuantizedModule
 
 _TORCHAT_OPS = torch.library.Library("torchat", "DEF")
 _TORCHAT_OPS.define("sdpa(Tensor query, Tensor key, Tensor value, SymInt start_pos) -> Tensor")
@@ -57,16 +58,37 @@ _TORCHAT_OPS.impl("sdpa.out", _sdpa_out, "CompositeExplicitAutograd")
 _TORCHAT_OPS.impl("sdpa", lambda query, key, value, start_pos: torch.empty_like(query), "Meta")
 
 
+def fused_linear(linears: list[nn.Module]) -> nn.Module | None:
+    """Linears that read one input as one linear, their outputs side by side; None where their kinds differ or
+    the kind has no such form (torchat.quant.base.QuantizedModule.concatenated)."""
+    first = linears[0]
+    if any(type(m) is not type(first) for m in linears):
+        return None
+    if type(first) is nn.Linear and all(m.bias is None for m in linears):
+        fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=False, device="meta")
+        fused.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
+        return fused
+    return first.concatenated(linears) if isinstance(first, QuantizedModule) else None
+
+
 class CachedAttention(nn.Module):
     """`attention`'s projections around an in-place cache write and a causal SDPA over the filled slots.
 
-    The caches are (batch, max_seq_len, kv_heads, head_dim), the layout the ops take; positions must be
-    consecutive (a prompt, then one token at a time), which is how every caller drives the model.
+    q, k and v come from one GEMM (wq, wk and wv concatenated: a third of the operators, each of which costs
+    XNNPACK a dispatch to its threads; with the asymmetric 8da4w grid one dynamic quantization, one group sum and
+    one correction instead of three), RoPE runs over all its heads with the identity on v's (cos 1, sin 0), and
+    the split into q, k and v happens after the delegate, where the cache ops read them (XNNPACK slices no tensor
+    of dynamic shape). The caches are (batch, max_seq_len, kv_heads, head_dim), the layout the ops take; positions
+    must be consecutive (a prompt, then one token at a time), which is how every caller drives the model.
     """
 
     def __init__(self, attention: Attention, cache: KVCache):
         super().__init__()
-        self.attention = attention
+        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        self.wqkv = fused_linear([attention.wq, attention.wk, attention.wv])
+        if self.wqkv is None:  # kinds that do not concatenate keep their three projections
+            self.wq, self.wk, self.wv = attention.wq, attention.wk, attention.wv
+        self.wo = attention.wo
         # the model's cache (batch, kv_heads, max_seq_len, head_dim) with seq and heads swapped; its dtype and device
         like = cache.k_cache.transpose(1, 2)
         self.register_buffer("k_cache", torch.zeros_like(like, memory_format=torch.contiguous_format),
@@ -74,29 +96,41 @@ class CachedAttention(nn.Module):
         self.register_buffer("v_cache", torch.zeros_like(like, memory_format=torch.contiguous_format),
                              persistent=False)
         # rotate-half as x @ rotation.T: out[i] = -x[i + half], out[i + half] = x[i]
-        half = attention.head_dim // 2
-        rotation = torch.zeros(attention.head_dim, attention.head_dim, dtype=like.dtype, device=like.device)
+        half = self.head_dim // 2
+        rotation = torch.zeros(self.head_dim, self.head_dim, dtype=like.dtype, device=like.device)
         rotation[torch.arange(half), torch.arange(half) + half] = -1.0
         rotation[torch.arange(half) + half, torch.arange(half)] = 1.0
         self.register_buffer("rotation", rotation, persistent=False)
+        # per head of the fused projection: 1 where RoPE turns it (q, k), 0 where it leaves it (v)
+        turned = torch.zeros(1, 1, self.n_heads + 2 * self.n_kv_heads, 1, device=like.device)
+        turned[:, :, :self.n_heads + self.n_kv_heads] = 1.0
+        self.register_buffer("turned", turned, persistent=False)
 
     def rope(self, x, cos, sin):
         return apply_rope(x, cos, sin, rotated=nn.functional.linear(x, self.rotation.to(x.dtype)))
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
-        a = self.attention
         batch, seq, _ = x.shape
-        q = a.wq(x).view(batch, -1, a.n_heads, a.head_dim)
-        k = a.wk(x).view(batch, -1, a.n_kv_heads, a.head_dim)
-        v = a.wv(x).view(batch, -1, a.n_kv_heads, a.head_dim)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        heads, kv_heads = self.n_heads, self.n_kv_heads
+        if self.wqkv is not None:
+            qkv = self.wqkv(x).view(batch, -1, heads + 2 * kv_heads, self.head_dim)
+            # (1, seq, heads, head_dim): cos and sin on q's and k's heads, 1 and 0 on v's (both exact); the tables
+            # made 4D first, outside the delegate (as apply_rope does), the products inside
+            cos, sin, turned = cos[None, :, None, :], sin[None, :, None, :], self.turned.to(cos.dtype)
+            qkv = self.rope(qkv, cos * turned + (1 - turned), sin * turned)
+            q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
+        else:
+            q = self.wq(x).view(batch, -1, heads, self.head_dim)
+            k = self.wk(x).view(batch, -1, kv_heads, self.head_dim)
+            v = self.wv(x).view(batch, -1, kv_heads, self.head_dim)
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + seq <= self.k_cache.shape[1])
         torch.ops.llama.update_cache(k.to(self.k_cache.dtype), self.k_cache, start)
         torch.ops.llama.update_cache(v.to(self.v_cache.dtype), self.v_cache, start)
         y = torch.ops.torchat.sdpa(q.to(self.k_cache.dtype), self.k_cache, self.v_cache, start)
-        return a.wo(y.type_as(x).reshape(batch, -1, a.n_heads * a.head_dim))
+        return self.wo(y.type_as(x).reshape(batch, -1, heads * self.head_dim))
 
 
 class MatmulRMSNorm(RMSNorm):

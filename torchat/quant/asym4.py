@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchat.quant.base import QuantizedModule, group_view, pack_nibbles, pad_columns, padded_size, unpack_nibbles
+from torchat.quant.base import (QuantizedModule, concatenated_intx, group_view, pack_nibbles, pad_columns, padded_size,
+                                unpack_nibbles)
 
 # A group counts as lying on a grid when every value is within this many grid steps of it (plus what its dtype's
 # rounding allows): far below what random weights could meet by chance in 32 values.
@@ -186,6 +187,21 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         # rebuilt here: a non-persistent buffer made on the meta device (load_quantized) loads no values
         self.group_sum = group_sum_matrix(self.padded_in, self.group_size, correction.dtype, correction.device)
         self.qdata = self.scale = self.offset = None
+
+    @classmethod
+    def concatenated(cls, modules: list) -> "Int8DynActAsymInt4Linear | None":
+        first = modules[0]
+        if any(type(m) is not cls or not m.packed or (m.in_features, m.group_size, m.quantize_activations) != (
+                first.in_features, first.group_size, first.quantize_activations) for m in modules):
+            return None
+        fused = cls.empty({**first.config(), "out_features": sum(m.out_features for m in modules)},
+                          first.float_dtype, "meta")
+        fused.quantize_activations = first.quantize_activations
+        fused.weight = nn.Parameter(concatenated_intx([m.weight for m in modules]), requires_grad=False)
+        fused.correction = torch.cat([m.correction for m in modules])
+        fused.group_sum = first.group_sum  # one input: one group-sum matrix
+        fused.qdata = fused.scale = fused.offset = None
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_columns(x, self.padded_in)

@@ -39,6 +39,24 @@ class QuantizedModule(nn.Module):
     def packed(self) -> bool:
         raise NotImplementedError
 
+    @classmethod
+    def concatenated(cls, modules: list["QuantizedModule"]) -> "QuantizedModule | None":
+        """Packed modules of this kind that read one input, as one whose output is theirs side by side (a backend
+        runs one GEMM where it ran several); None where the kind has no such form or the modules differ."""
+        return None
+
+
+def concatenated_intx(tensors: list) -> "torch.Tensor":
+    """torchao IntxUnpackedToInt8Tensors with one layout (bits, blocks, activation quantization), rows stacked."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    first = tensors[0]
+    layout = (first.target_dtype, list(first.block_size), first.dtype, first.activation_quantization)
+    assert all((t.target_dtype, list(t.block_size), t.dtype, t.activation_quantization) == layout
+               for t in tensors), "tensors of different layouts"
+    return IntxUnpackedToInt8Tensor(*(torch.cat([getattr(t, name) for t in tensors])
+                                      for name in ("qdata", "scale", "zero_point")), *layout)
+
 
 def padded_size(size: int, group_size: int) -> int:
     """`size` rounded up to a multiple of group_size (0 = one group: no padding)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchat.quant.base import (QuantizedModule, group_view, pack_nibbles, pad_columns, padded_size,
+from torchat.quant.base import (QuantizedModule, concatenated_intx, group_view, pack_nibbles, pad_columns, padded_size,
                                 unpack_nibbles)
 
 BIT_DTYPES = {4: torch.int4, 8: torch.int8}
@@ -159,6 +159,18 @@ class Int8DynActInt4Linear(IntxModule):
 
     def dequantized_weight(self) -> torch.Tensor:
         return self._dequantized()[:, :self.in_features].to(self.float_dtype)
+
+    @classmethod
+    def concatenated(cls, modules: list) -> "Int8DynActInt4Linear | None":
+        first = modules[0]
+        if any(type(m) is not cls or not m.packed or m.config() | {"out_features": 0} != first.config() | {
+                "out_features": 0} for m in modules):
+            return None
+        fused = cls.empty({**first.config(), "out_features": sum(m.out_features for m in modules)},
+                          first.float_dtype, "meta")
+        fused.weight = nn.Parameter(concatenated_intx([m.weight for m in modules]), requires_grad=False)
+        fused.qdata = fused.scale = fused.zero_point = None
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_columns(x, self.padded_in)
