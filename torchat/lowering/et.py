@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 
+from torchat.errors import TorchatError
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
 from torchat.model import Attention, KVCache, RMSNorm, Transformer, apply_rope
 from torchat.quant.base import QuantizedModule
@@ -85,9 +86,11 @@ class CachedAttention(nn.Module):
     def __init__(self, attention: Attention, cache: KVCache):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
-        self.wqkv = fused_linear([attention.wq, attention.wk, attention.wv])
-        if self.wqkv is None:  # kinds that do not concatenate keep their three projections
-            self.wq, self.wk, self.wv = attention.wq, attention.wk, attention.wv
+        projections = [attention.wq, attention.wk, attention.wv]
+        self.wqkv = fused_linear(projections)
+        if self.wqkv is None:  # every kind ExecuTorch takes (fp32, 8da4w, 8da8w) has the form
+            raise TorchatError(f"ExecuTorch: wq, wk and wv ({', '.join(type(p).__name__ for p in projections)}) "
+                               "have no one-projection form; quantize them with one scheme it takes")
         self.wo = attention.wo
         # the model's cache (batch, kv_heads, max_seq_len, head_dim) with seq and heads swapped; its dtype and device
         like = cache.k_cache.transpose(1, 2)
@@ -112,18 +115,12 @@ class CachedAttention(nn.Module):
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
         batch, seq, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
-        if self.wqkv is not None:
-            qkv = self.wqkv(x).view(batch, -1, heads + 2 * kv_heads, self.head_dim)
-            # (1, seq, heads, head_dim): cos and sin on q's and k's heads, 1 and 0 on v's (both exact); the tables
-            # made 4D first, outside the delegate (as apply_rope does), the products inside
-            cos, sin, turned = cos[None, :, None, :], sin[None, :, None, :], self.turned.to(cos.dtype)
-            qkv = self.rope(qkv, cos * turned + (1 - turned), sin * turned)
-            q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
-        else:
-            q = self.wq(x).view(batch, -1, heads, self.head_dim)
-            k = self.wk(x).view(batch, -1, kv_heads, self.head_dim)
-            v = self.wv(x).view(batch, -1, kv_heads, self.head_dim)
-            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        qkv = self.wqkv(x).view(batch, -1, heads + 2 * kv_heads, self.head_dim)
+        # (1, seq, heads, head_dim): cos and sin on q's and k's heads, 1 and 0 on v's (both exact); the tables made
+        # 4D first, outside the delegate (as apply_rope does), the products inside
+        cos, sin, turned = cos[None, :, None, :], sin[None, :, None, :], self.turned.to(cos.dtype)
+        qkv = self.rope(qkv, cos * turned + (1 - turned), sin * turned)
+        q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + seq <= self.k_cache.shape[1])

@@ -190,12 +190,9 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
 
     @classmethod
     def concatenated(cls, modules: list) -> "Int8DynActAsymInt4Linear | None":
-        first = modules[0]
-        if any(type(m) is not cls or not m.packed or (m.in_features, m.group_size, m.quantize_activations) != (
-                first.in_features, first.group_size, first.quantize_activations) for m in modules):
+        first, fused = modules[0], cls._stacked_shell(modules)
+        if fused is None or any(m.quantize_activations != first.quantize_activations for m in modules):
             return None
-        fused = cls.empty({**first.config(), "out_features": sum(m.out_features for m in modules)},
-                          first.float_dtype, "meta")
         fused.quantize_activations = first.quantize_activations
         fused.weight = nn.Parameter(concatenated_intx([m.weight for m in modules]), requires_grad=False)
         fused.correction = torch.cat([m.correction for m in modules])

@@ -45,6 +45,18 @@ class QuantizedModule(nn.Module):
         runs one GEMM where it ran several); None where the kind has no such form or the modules differ."""
         return None
 
+    @classmethod
+    def _stacked_shell(cls, modules: list["QuantizedModule"]) -> "QuantizedModule | None":
+        """For `concatenated`: an empty module of this kind on the meta device whose out_features are the modules'
+        summed (its runtime parts still to set, its plain buffers to drop); None unless every module is a packed
+        `cls` with one config but for out_features."""
+        first = modules[0]
+        same = {**first.config(), "out_features": 0}
+        if any(type(m) is not cls or not m.packed or {**m.config(), "out_features": 0} != same for m in modules):
+            return None
+        return cls.empty({**first.config(), "out_features": sum(m.out_features for m in modules)},
+                         first.float_dtype, "meta")
+
 
 def concatenated_intx(tensors: list) -> "torch.Tensor":
     """torchao IntxUnpackedToInt8Tensors with one layout (bits, blocks, activation quantization), rows stacked."""

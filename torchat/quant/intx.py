@@ -162,14 +162,10 @@ class Int8DynActInt4Linear(IntxModule):
 
     @classmethod
     def concatenated(cls, modules: list) -> "Int8DynActInt4Linear | None":
-        first = modules[0]
-        if any(type(m) is not cls or not m.packed or m.config() | {"out_features": 0} != first.config() | {
-                "out_features": 0} for m in modules):
-            return None
-        fused = cls.empty({**first.config(), "out_features": sum(m.out_features for m in modules)},
-                          first.float_dtype, "meta")
-        fused.weight = nn.Parameter(concatenated_intx([m.weight for m in modules]), requires_grad=False)
-        fused.qdata = fused.scale = fused.zero_point = None
+        fused = cls._stacked_shell(modules)
+        if fused is not None:
+            fused.weight = nn.Parameter(concatenated_intx([m.weight for m in modules]), requires_grad=False)
+            fused.qdata = fused.scale = fused.zero_point = None
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
