@@ -1,6 +1,8 @@
 """torchat::sdpa's ExecuTorch kernel (torchat/kernels/et_sdpa.cpp, run by the pybindings) against torch's
-scaled_dot_product_attention over the same filled cache slots: prefill and decode, grouped heads, and caches long
-enough for the decode path to split the slots into chunks for the threads."""
+scaled_dot_product_attention over the same filled cache slots: prefill and decode, grouped heads, caches long
+enough for the decode path to split the slots into chunks for the threads, fp16 caches (a quantized .pte's) under
+fp32 queries, and head sizes that take the kernel's vector paths (64: SmolLM2's and Llama's) and its plain loops
+(16, and 80 = a 64-column block and 16 more)."""
 
 import pytest
 import torch
@@ -34,30 +36,34 @@ def reference(query, key, value, start):
     return out
 
 
-@pytest.fixture(scope="module")
-def program(tmp_path_factory):
-    """Attend as an ExecuTorch program (no delegate: the op runs on the registered kernel), loaded back."""
+@pytest.fixture(scope="module", params=[(torch.float32, 64), (torch.float16, 64), (torch.float16, 16),
+                                        (torch.float32, 80)], ids=lambda p: f"{str(p[0])[6:]}-cache-dim{p[1]}")
+def program(request, tmp_path_factory):
+    """Attend as an ExecuTorch program (no delegate: the op runs on the registered kernel) with caches of the
+    param's dtype and head size, loaded back: (program, cache dtype, head size)."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     load_llm_ops()
     seq = Dim("seq", min=1, max=MAX_SEQ)
-    example = (torch.zeros(1, 2, 8, 16), torch.zeros(1, MAX_SEQ, 2, 16), torch.zeros(1, MAX_SEQ, 2, 16),
-               torch.tensor([0]))
+    dtype, dim = request.param
+    cache = torch.zeros(1, MAX_SEQ, 2, dim, dtype=dtype)
+    example = (torch.zeros(1, 2, 8, dim), cache, cache.clone(), torch.tensor([0]))
     exported = torch.export.export(Attend(), example, dynamic_shapes=({1: seq}, None, None, None), strict=False)
     edge = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     path = tmp_path_factory.mktemp("sdpa") / "sdpa.pte"
     path.write_bytes(edge.to_executorch().buffer)
-    return _load_for_executorch(str(path))
+    return _load_for_executorch(str(path)), dtype, dim
 
 
 @pytest.mark.parametrize("seq,start", [(5, 0), (7, 20), (1, 0), (1, 300), (1, MAX_SEQ - 1), (3, 700)])
 def test_kernel_matches_softmax_attention(program, seq, start):
+    program, cache_dtype, dim = program
     generator = torch.Generator().manual_seed(seq * 1000 + start)
-    query = torch.randn(1, seq, 8, 16, generator=generator)
-    key = torch.randn(1, MAX_SEQ, 2, 16, generator=generator) * 2
-    value = torch.randn(1, MAX_SEQ, 2, 16, generator=generator)
-    expected = reference(query, key, value, start)
+    query = torch.randn(1, seq, 8, dim, generator=generator) * 4 / dim ** 0.5
+    key = (torch.randn(1, MAX_SEQ, 2, dim, generator=generator) * 2).to(cache_dtype)
+    value = torch.randn(1, MAX_SEQ, 2, dim, generator=generator).to(cache_dtype)
+    expected = reference(query, key, value, start)  # of the cache's values as stored
     got = program.forward((query, key, value, torch.tensor([start])))[0]
     assert got.shape == query.shape
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
@@ -66,7 +72,8 @@ def test_kernel_matches_softmax_attention(program, seq, start):
 
 
 def test_kernel_refuses_a_query_past_the_cache(program):
-    query = torch.randn(1, 4, 8, 16)
-    cache = torch.zeros(1, MAX_SEQ, 2, 16)
+    program, cache_dtype, dim = program
+    query = torch.randn(1, 4, 8, dim)
+    cache = torch.zeros(1, MAX_SEQ, 2, dim, dtype=cache_dtype)
     with pytest.raises(RuntimeError):
         program.forward((query, cache, cache, torch.tensor([MAX_SEQ - 2])))
