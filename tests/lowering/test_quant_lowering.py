@@ -98,3 +98,44 @@ def test_fused_qkv_projection_is_the_three_projections_side_by_side(quant):
         torch.testing.assert_close(fused(x), torch.cat([p(x) for p in projections], dim=-1), rtol=1e-5, atol=1e-5)
     if quant:  # a quantized and a float projection have no one form
         assert fused_linear([attention.wq, torch.nn.Linear(model.args.dim, 8, bias=False)]) is None
+
+
+def test_feed_forward_sharing_group_sums_is_the_feed_forward():
+    """On the asymmetric grid the .pte's feed-forward computes its input's group sums once for w1 and w3
+    (torchat.lowering.et.SharedSumFeedForward): the same output as the layer's own feed-forward."""
+    from tiny_model import tiny_transformer
+
+    from torchat.lowering.et import SharedSumFeedForward
+
+    model = tiny_transformer()
+    assert not SharedSumFeedForward.applies(model.layers[0].feed_forward)  # fp32: nothing to share
+    quantize_model(model, parse_quant(json.dumps({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}})))
+    feed_forward = model.layers[0].feed_forward
+    assert SharedSumFeedForward.applies(feed_forward)
+    x = torch.randn(2, 5, model.args.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(SharedSumFeedForward(feed_forward)(x), feed_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant, dtype", [({}, "FLOAT"), ({"linear:8da8w": {}}, "HALF"),
+                                          ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}, "HALF")],
+                         ids=["fp32", "8da8w", "8da4w-asymmetric"])
+def test_pte_kv_cache_is_fp16_when_quantized(tiny_artifacts, quant, dtype):
+    """A quantized .pte keeps its KV cache in fp16 (half the bytes a long-context step reads; its parity with the
+    eager fp32-cache model is the test above), an fp32 .pte in fp32: the dtype of the program's cache tensors, the
+    static (1, max_seq_len, kv_heads, head_dim) buffers llama::update_cache writes (k and v as they come out of
+    the projections have that shape as their bound, but a dynamic one)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import ScalarType, TensorShapeDynamism
+    from tiny_model import TINY_CHECKPOINT_ARGS
+
+    path = tiny_artifacts.get(".pte", quant)
+    program = deserialize_pte_binary(path.read_bytes())
+    program = getattr(program, "program", program)
+    plan = next(plan for plan in program.execution_plan if plan.name == "forward")
+    args = TINY_CHECKPOINT_ARGS
+    shape = [1, read_metadata(path).max_seq_len, args["n_kv_heads"], args["dim"] // args["n_heads"]]
+    caches = [value.val for value in plan.values if type(value.val).__name__ == "Tensor" and
+              list(value.val.sizes) == shape and value.val.shape_dynamism == TensorShapeDynamism.STATIC]
+    assert len(caches) == 2 * args["n_layers"], len(caches)
+    assert {cache.scalar_type for cache in caches} == {getattr(ScalarType, dtype)}

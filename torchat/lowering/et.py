@@ -30,7 +30,8 @@ from torch.export import ExportedProgram
 
 from torchat.errors import TorchatError
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
-from torchat.model import Attention, KVCache, RMSNorm, Transformer, apply_rope
+from torchat.model import Attention, FeedForward, KVCache, RMSNorm, Transformer, apply_rope
+from torchat.quant.asym4 import Int8DynActAsymInt4Linear
 from torchat.quant.base import QuantizedModule
 
 _TORCHAT_OPS = torch.library.Library("torchat", "DEF")
@@ -41,12 +42,13 @@ _TORCHAT_OPS.define("sdpa.out(Tensor query, Tensor key, Tensor value, SymInt sta
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start_pos: int) -> torch.Tensor:
     """torchat::sdpa in torch: queries (1, seq, heads, head_dim) at start_pos.. attend causally over the caches'
-    (1, max_seq, kv_heads, head_dim) slots 0..start_pos + seq - 1 (grouped heads share a kv head)."""
+    (1, max_seq, kv_heads, head_dim) slots 0..start_pos + seq - 1 (grouped heads share a kv head); the caches may
+    be fp16 under fp32 queries (their values widened), the output is the query's dtype."""
     seq, end = query.shape[1], start_pos + query.shape[1]
     visible = torch.ones(seq, end, dtype=torch.bool, device=query.device).tril(start_pos)
+    key, value = key[:, :end].to(query.dtype), value[:, :end].to(query.dtype)
     y = nn.functional.scaled_dot_product_attention(
-        query.transpose(1, 2), key[:, :end].transpose(1, 2), value[:, :end].transpose(1, 2), attn_mask=visible,
-        enable_gqa=True)
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=visible, enable_gqa=True)
     return y.transpose(1, 2).contiguous()
 
 
@@ -57,6 +59,18 @@ def _sdpa_out(query, key, value, start_pos, *, out):
 _TORCHAT_OPS.impl("sdpa", sdpa, "CompositeExplicitAutograd")
 _TORCHAT_OPS.impl("sdpa.out", _sdpa_out, "CompositeExplicitAutograd")
 _TORCHAT_OPS.impl("sdpa", lambda query, key, value, start_pos: torch.empty_like(query), "Meta")
+
+
+def kv_cache_dtype(dtype: torch.dtype, quantized: bool) -> torch.dtype:
+    """The dtype of a .pte's KV cache: fp16 for a quantized model, whose quantization error dwarfs fp16's rounding of
+    keys and values (llama.cpp's default cache type too), so a long-context step reads half the cache bytes; the
+    model's own float dtype otherwise (an fp32 .pte stays within 1e-4 of eager)."""
+    return torch.float16 if quantized else dtype
+
+
+def cache_dtype(model: Transformer) -> torch.dtype:
+    return kv_cache_dtype(model.layers[0].attention_norm.weight.dtype,
+                          any(isinstance(module, QuantizedModule) for module in model.modules()))
 
 
 def fused_linear(linears: list[nn.Module]) -> nn.Module | None:
@@ -72,6 +86,27 @@ def fused_linear(linears: list[nn.Module]) -> nn.Module | None:
     return first.concatenated(linears) if isinstance(first, QuantizedModule) else None
 
 
+class FusedRopeTables:
+    """cos and sin for the fused q/k/v heads, (1, seq, heads, head_dim), made once per forward and shared by every
+    layer: each layer made its own before (4 XNNPACK operators and 4 unsqueezes a layer, from the same inputs)."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, device):
+        # per head of the fused projection: 1 where RoPE turns it (q, k), 0 where it leaves it (v)
+        turned = torch.zeros(1, 1, n_heads + 2 * n_kv_heads, 1, device=device)
+        turned[:, :, :n_heads + n_kv_heads] = 1.0
+        self.turned, self.kept = turned, 1.0 - turned
+        self.source, self.tables = None, None
+
+    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the model's forward hands every layer the same cos and sin objects (traced or not)
+        if self.source is None or self.source[0] is not cos or self.source[1] is not sin:
+            turned, kept = self.turned.to(cos.dtype), self.kept.to(cos.dtype)
+            # cos 1 and sin 0 on v's heads: both exact
+            self.tables = (cos[None, :, None, :] * turned + kept, sin[None, :, None, :] * turned)
+            self.source = (cos, sin)
+        return self.tables
+
+
 class CachedAttention(nn.Module):
     """`attention`'s projections around an in-place cache write and a causal SDPA over the filled slots.
 
@@ -83,7 +118,7 @@ class CachedAttention(nn.Module):
     must be consecutive (a prompt, then one token at a time), which is how every caller drives the model.
     """
 
-    def __init__(self, attention: Attention, cache: KVCache):
+    def __init__(self, attention: Attention, cache: KVCache, dtype: torch.dtype, rope_tables: FusedRopeTables):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         projections = [attention.wq, attention.wk, attention.wv]
@@ -92,11 +127,11 @@ class CachedAttention(nn.Module):
             raise TorchatError(f"ExecuTorch: wq, wk and wv ({', '.join(type(p).__name__ for p in projections)}) "
                                "have no one-projection form; quantize them with one scheme it takes")
         self.wo = attention.wo
-        # the model's cache (batch, kv_heads, max_seq_len, head_dim) with seq and heads swapped; its dtype and device
+        # the model's cache (batch, kv_heads, max_seq_len, head_dim) with seq and heads swapped, in `dtype`
         like = cache.k_cache.transpose(1, 2)
-        self.register_buffer("k_cache", torch.zeros_like(like, memory_format=torch.contiguous_format),
+        self.register_buffer("k_cache", torch.zeros_like(like, dtype=dtype, memory_format=torch.contiguous_format),
                              persistent=False)
-        self.register_buffer("v_cache", torch.zeros_like(like, memory_format=torch.contiguous_format),
+        self.register_buffer("v_cache", torch.zeros_like(like, dtype=dtype, memory_format=torch.contiguous_format),
                              persistent=False)
         # rotate-half as x @ rotation.T: out[i] = -x[i + half], out[i + half] = x[i]
         half = self.head_dim // 2
@@ -104,10 +139,7 @@ class CachedAttention(nn.Module):
         rotation[torch.arange(half), torch.arange(half) + half] = -1.0
         rotation[torch.arange(half) + half, torch.arange(half)] = 1.0
         self.register_buffer("rotation", rotation, persistent=False)
-        # per head of the fused projection: 1 where RoPE turns it (q, k), 0 where it leaves it (v)
-        turned = torch.zeros(1, 1, self.n_heads + 2 * self.n_kv_heads, 1, device=like.device)
-        turned[:, :, :self.n_heads + self.n_kv_heads] = 1.0
-        self.register_buffer("turned", turned, persistent=False)
+        self.rope_tables = rope_tables
 
     def rope(self, x, cos, sin):
         return apply_rope(x, cos, sin, rotated=nn.functional.linear(x, self.rotation.to(x.dtype)))
@@ -116,18 +148,34 @@ class CachedAttention(nn.Module):
         batch, seq, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(batch, -1, heads + 2 * kv_heads, self.head_dim)
-        # (1, seq, heads, head_dim): cos and sin on q's and k's heads, 1 and 0 on v's (both exact); the tables made
-        # 4D first, outside the delegate (as apply_rope does), the products inside
-        cos, sin, turned = cos[None, :, None, :], sin[None, :, None, :], self.turned.to(cos.dtype)
-        qkv = self.rope(qkv, cos * turned + (1 - turned), sin * turned)
+        qkv = self.rope(qkv, *self.rope_tables(cos, sin))
         q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + seq <= self.k_cache.shape[1])
         torch.ops.llama.update_cache(k.to(self.k_cache.dtype), self.k_cache, start)
         torch.ops.llama.update_cache(v.to(self.v_cache.dtype), self.v_cache, start)
-        y = torch.ops.torchat.sdpa(q.to(self.k_cache.dtype), self.k_cache, self.v_cache, start)
-        return self.wo(y.type_as(x).reshape(batch, -1, heads * self.head_dim))
+        y = torch.ops.torchat.sdpa(q, self.k_cache, self.v_cache, start)
+        return self.wo(y.reshape(batch, -1, heads * self.head_dim))
+
+
+class SharedSumFeedForward(nn.Module):
+    """`feed_forward` with w1 and w3 on the asymmetric 8da4w grid sharing their input's group sums: one fp32
+    GEMM a layer fewer (torchat.quant.asym4)."""
+
+    def __init__(self, feed_forward: FeedForward):
+        super().__init__()
+        self.w1, self.w2, self.w3 = feed_forward.w1, feed_forward.w2, feed_forward.w3
+
+    @staticmethod
+    def applies(feed_forward: FeedForward) -> bool:
+        w1, w3 = feed_forward.w1, feed_forward.w3
+        return (isinstance(w1, Int8DynActAsymInt4Linear) and isinstance(w3, Int8DynActAsymInt4Linear)
+                and (w1.group_size, w1.padded_in) == (w3.group_size, w3.padded_in))
+
+    def forward(self, x):
+        sums = self.w1.group_sums(x)
+        return self.w2(nn.functional.silu(self.w1(x, sums)) * self.w3(x, sums))
 
 
 class MatmulRMSNorm(RMSNorm):
@@ -147,26 +195,32 @@ class MatmulRMSNorm(RMSNorm):
 
 @contextmanager
 def llm_attention(model: Transformer):
-    """While the forward is exported: every layer's attention on ExecuTorch's LLM ops and every RMSNorm in its
-    matmul form; then the model as it was."""
+    """While the forward is exported: every layer's attention on ExecuTorch's LLM ops, every RMSNorm in its
+    matmul form, w1 and w3 sharing their group sums where they can; then the model as it was."""
     load_llm_ops()
     originals = [layer.attention for layer in model.layers]
     caches = [attention.kv_cache for attention in originals]
     norms = {name: module for name, module in model.named_modules() if isinstance(module, RMSNorm)}
+    feed_forwards = [layer.feed_forward for layer in model.layers]
     model.filled_attention = False  # the wrappers bound their attention themselves
+    dtype = cache_dtype(model)
+    rope_tables = FusedRopeTables(originals[0].n_heads, originals[0].n_kv_heads, caches[0].k_cache.device)
     try:
         for layer, attention, cache in zip(model.layers, originals, caches):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
-            layer.attention = CachedAttention(attention, cache)
+            layer.attention = CachedAttention(attention, cache, dtype, rope_tables)
+            if SharedSumFeedForward.applies(layer.feed_forward):
+                layer.feed_forward = SharedSumFeedForward(layer.feed_forward)
         for name, norm in norms.items():
             model.set_submodule(name, MatmulRMSNorm(norm))
         yield model
     finally:
         for name, norm in norms.items():
             model.set_submodule(name, norm)
-        for layer, attention, cache in zip(model.layers, originals, caches):
+        for layer, attention, cache, feed_forward in zip(model.layers, originals, caches, feed_forwards):
             attention.kv_cache = cache
             layer.attention = attention
+            layer.feed_forward = feed_forward
         model.filled_attention = True
 
 

@@ -200,11 +200,18 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         fused.qdata = fused.scale = fused.offset = None
         return fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def group_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., groups): each group of x's columns summed; what the correction multiplies, the same for every
+        layer of this group size that reads x (torchat.lowering.et computes it once for w1 and w3)."""
+        return F.linear(pad_columns(x, self.padded_in), self.group_sum.to(x.dtype))
+
+    def forward(self, x: torch.Tensor, group_sums: torch.Tensor | None = None) -> torch.Tensor:
+        """group_sums: self.group_sums(x) when the caller has it already."""
+        if group_sums is None:
+            group_sums = self.group_sums(x)
         x = pad_columns(x, self.padded_in)
-        # (..., groups): each group of x's columns summed, times C (out, groups)
-        corrected = F.linear(F.linear(x, self.group_sum.to(x.dtype)),
-                             (self.correction if self.packed else self._plain_correction()).to(x.dtype))
+        # the group sums times C (out, groups)
+        corrected = F.linear(group_sums, (self.correction if self.packed else self._plain_correction()).to(x.dtype))
         if self.packed:
             return F.linear(x, self.weight) + corrected
         from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
