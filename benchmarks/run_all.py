@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 MODEL = "smollm2-135m"
 # row -> (target, mode, max_seq_len): the target's artifact run by that mode (eager artifacts: eager or compile).
-# max_seq_len None: the artifact the build graph makes (KV cache of matrix.toml's 2048). A number: the target's
-# quantized checkpoint exported here with that KV cache (exported attention reads only the filled slots, but a
-# shorter cache still costs less memory).
+# max_seq_len None: the artifact the build graph makes (KV cache of matrix.toml's 2048). A number: the target built
+# through the store with that KV cache (exported attention reads only the filled slots, but a shorter cache still
+# costs less memory).
 ROWS = {
     "fp32-eager": ("none-fp32-eager", "eager", None),
     "bf16-eager": ("none-eager", "eager", None),
@@ -59,28 +59,19 @@ def peer_ggufs() -> dict[str, Path]:
 
 
 def artifact_path(target_name: str, max_seq_len: int | None) -> tuple[Path, str]:
-    """(the target's model: a quantized checkpoint directory or an artifact file, its backend), built if missing:
-    through the store, or for a given max_seq_len exported here from the store's quantized checkpoint."""
+    """(the target's model: a quantized checkpoint directory or an artifact file, its backend), built through the
+    store if missing; with a given max_seq_len, the target exported with that KV cache (a store node of its own,
+    keyed like every build by its spec, inputs and code, so a changed lowering is exported again)."""
     from torchat import spec, store
-    from torchat.cli import main as torchat_main
-    from torchat.sources import cache_dir
     from torchat.vocabulary import BACKENDS
 
     catalog = spec.load_catalog()
+    if max_seq_len is not None:
+        catalog.max_seq_len = max_seq_len
     target = catalog.parse_target(f"{MODEL}-{target_name}")
     backend = str(target.backend)
-    if max_seq_len is None:
-        directory, _ = store.realize_with_inputs(catalog.model_node(target))
-        return (directory if backend == "eager" else directory / BACKENDS[target.backend].output), backend
-    quantized, _ = store.realize_with_inputs(catalog.quantize_node(target.model, target.quant, target.dtype))
-    output = cache_dir() / "bench" / f"{quantized.name}-ctx{max_seq_len}" / BACKENDS[target.backend].output
-    if not output.is_file():
-        output.parent.mkdir(parents=True, exist_ok=True)
-        rc = torchat_main(["export", str(quantized), "--dtype", str(target.dtype),
-                           "--max-seq-length", str(max_seq_len), "--output-path", str(output)])
-        if rc != 0:
-            raise SystemExit(f"run_all: exporting {target_name} with a KV cache of {max_seq_len} failed")
-    return output, backend
+    directory, _ = store.realize_with_inputs(catalog.model_node(target))
+    return (directory if backend == "eager" else directory / BACKENDS[target.backend].output), backend
 
 
 def plan(rows: list[str], peers: list[str], config: dict, threads: int | None) -> list[dict]:

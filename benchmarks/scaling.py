@@ -17,7 +17,8 @@ tok/s is reported there); at 8192 one prompt of N-96 tokens is prefilled and the
 windows of 32 steps (N-96 .. N-1), so the most expensive prefill runs once per system. Each (model, system) runs in
 its own process after a short warm-up; medians over the repeats; the others' share of the CPU is recorded per
 timed section. Roofline: bytes a decode step reads (the weights in their stored form, plus the KV cache filled
-so far: fp32 in the `.pte`, f16 in llama.cpp) / the machine's read bandwidth (torchat.bench.measure_bandwidth).
+so far: fp16 in a quantized `.pte`, f16 in llama.cpp) / the machine's read bandwidth
+(torchat.bench.measure_bandwidth).
 Writes benchmarks/results/scaling/scaling.{json,md} and scaling-size.png, scaling-context.png. A benchmark, not a
 test: nothing here asserts a speed.
 """
@@ -74,7 +75,8 @@ def llama_1b_files(peer_types: tuple[str, ...]) -> dict:
                            "--output-dir", str(quantized)])
         if rc != 0:
             raise SystemExit("scaling: quantizing the 1B Q4_1 GGUF with 8da4w failed")
-    pte = bench / f"{quantized.name}-ctx{CACHE_LEN}" / "model.pte"
+    # keyed by the code an export runs, as the store keys a build: a changed lowering exports again
+    pte = bench / f"{quantized.name}-ctx{CACHE_LEN}-{lowering_key()}" / "model.pte"
     if not pte.is_file():
         pte.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -84,6 +86,15 @@ def llama_1b_files(peer_types: tuple[str, ...]) -> dict:
             raise SystemExit(f"scaling: exporting the 1B 8da4w .pte with a KV cache of {CACHE_LEN} failed")
         print(f"scaling: exported {pte} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return {"pte": pte, "gguf": ggufs}
+
+
+def lowering_key() -> str:
+    """The store's digest of the code the build step of a .pte runs (torchat's lowering, quant and model)."""
+    from torchat import spec, store
+
+    catalog = spec.load_catalog()
+    node = catalog.build_node(catalog.parse_target("smollm2-135m-8da4w-et"))
+    return store.sha256_json(store.code_digests(node.code))[:12]
 
 
 def model_files(model: str, peer_types: tuple[str, ...]) -> dict:
@@ -110,8 +121,13 @@ def open_system(job: dict):
         opened = open_model(ModelSource(checkpoint=Path(job["path"])))
         about = opened.description
         args = about["model_args"]
+        from torchat.dtypes import dtype_of, torch_dtype
+        from torchat.lowering.et import kv_cache_dtype
+
+        kv_dtype = kv_cache_dtype(torch_dtype(about["dtype"]), bool(about["quant"]))
         facts = {"weight_bytes": weight_bytes_per_token(args, about["quant"], about["dtype"]),
-                 "kv_bytes_per_position": kv_bytes_per_position(args, 4), "kv_dtype": about["dtype"],
+                 "kv_bytes_per_position": kv_bytes_per_position(args, kv_dtype.itemsize),
+                 "kv_dtype": str(dtype_of(kv_dtype)),
                  "threads": pte_pool_size(), "max_seq_len": opened.text_model.max_seq_len}
         return opened.text_model, facts
     from torchat.peers import gguf_weight_facts, load_peer
