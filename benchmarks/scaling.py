@@ -275,6 +275,12 @@ def add_ratios(results: list[dict]) -> None:
                 point["prefill_vs_llama_q4_1"] = point["prefill_tok_s"] / theirs["prefill_tok_s"]
 
 
+def pte_kv_dtype(report: dict) -> str:
+    """The .pte rows' KV cache dtype, as their processes read it (fp32 in series from before fp16 caches)."""
+    found = {r.get("kv_dtype", "fp32") for r in report["results"] if r["system"].startswith("torchat")}
+    return " / ".join(sorted(found)) or "?"
+
+
 def render(report: dict) -> str:
     m = report["machine"]
     bandwidths = sorted({r.get("bandwidth_gb_s") or report["bandwidth_gb_s"] for r in report["results"]})
@@ -283,8 +289,8 @@ def render(report: dict) -> str:
              f"{report['threads']} threads; read bandwidth {' / '.join(map(str, bandwidths))} GB/s "
              f"(torchat.bench.measure_bandwidth, at the start of each run; other processes lower it, so every point's "
              f"roofline here uses the highest, {bandwidths[-1]} GB/s). torchat's ExecuTorch "
-             f"{report['toolchain'].get('executorch', '?')} `.pte` (8da4w: int8 dynamic activations, int4 weights group 32 asymmetric, 8-bit head; fp32, KV "
-             f"cache {CACHE_LEN} fp32) against llama.cpp (llama-cpp-python {report.get('peer_version', '?')}, "
+             f"{report['toolchain'].get('executorch', '?')} `.pte` (8da4w: int8 dynamic activations, int4 weights "
+             f"group 32 asymmetric, 8-bit head; fp32, KV cache {CACHE_LEN} {pte_kv_dtype(report)}) against llama.cpp (llama-cpp-python {report.get('peer_version', '?')}, "
              f"n_ctx {CACHE_LEN}, KV f16) on GGUFs of the same weights. Decode: {WINDOW} steps ending at the "
              f"position, median of {report['repeats']} (at {CACHE_LEN}: three consecutive windows after one "
              "prefill); prefill: the prompt before the window. Roofline: read bandwidth / (weight bytes + KV "
