@@ -1,7 +1,7 @@
-"""The ExecuTorch rows and the llama.cpp peers with AVX-512 hidden, on an AVX-512 machine: an emulation of the
+"""torchat's rows and the llama.cpp peers with AVX-512 hidden, on an AVX-512 machine: an emulation of the
 AVX2-only CPU the speed targets name, for sessions that are not given one.
 
-    python benchmarks/avx2_emulation.py [--rows 8da4w-et,8da8w-et] [--runs 5] [--wait-quiet 60]
+    python benchmarks/avx2_emulation.py [--rows 8da4w-et,8da8w-et,int4-aoti] [--runs 5] [--wait-quiet 60]
 
 Neither library has a switch for its instruction set, so:
 - XNNPACK picks its kernels from cpuinfo's `cpuinfo_isa` flags, read once when XNNPACK initializes. Every
@@ -9,16 +9,20 @@ Neither library has a switch for its instruction set, so:
   clears the AVX-512 flags in that struct (exported by executorch's libexecutorch_threadpool.so), before executorch
   is imported. The hook checks the struct's layout against /proc/cpuinfo and refuses to run if they disagree.
 - MKL (ExecuTorch's attention calls its sgemm) gets MKL_ENABLE_INSTRUCTIONS=AVX2, torch's own kernels
-  ATEN_CPU_CAPABILITY=avx2.
+  ATEN_CPU_CAPABILITY=avx2, torchat's own attention kernel (torchat.kernels) TORCHAT_KERNEL_MARCH=x86-64-v3 (it is
+  otherwise compiled -march=native).
 - llama.cpp is built a second time, without AVX-512 (GGML_NATIVE=OFF, AVX2+FMA+F16C), into its own directory
   under the cache, and put first on the peers' PYTHONPATH.
-AOTI rows are left out: Inductor compiled them for this CPU's AVX-512. Same memory system, caches and clocks as
-the host, so this is the AVX2 kernels' speed on this machine, not the AVX2 machine's: a check on the ratios,
-not a replacement for measuring there. Writes benchmarks/results/avx2-emulated/bench.{json,md,png}.
+- An AOTI row is exported again for AVX2: Inductor compiles with TORCHINDUCTOR_CPP_MARCH=x86-64-v3 and picks its
+  vector ISA from ATEN_CPU_CAPABILITY, oneDNN gets ONEDNN_MAX_CPU_ISA=AVX2; both variables enter the build's store key
+  (torchat.spec.toolchain), so the AVX2 .pt2 is an artifact of its own beside the native one.
+Same memory system, caches and clocks as the host, so this is the AVX2 kernels' speed on this machine, not the AVX2
+machine's: a check on the ratios, not a replacement for measuring there. Writes benchmarks/results/avx2-emulated/bench.{json,md,png}.
 """
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,7 +76,8 @@ for index, name in enumerate(FIELDS):
 
 
 EMULATION_NOTE = ("**AVX2 emulated** (`benchmarks/avx2_emulation.py`): AVX-512 hidden from XNNPACK (cpuinfo's "
-                  "flags cleared), MKL_ENABLE_INSTRUCTIONS=AVX2, llama.cpp built without AVX-512; the host below "
+                  "flags cleared), MKL, oneDNN and ATen held to AVX2, torchat's attention kernel and an AOTI row's "
+                  "Inductor code compiled for x86-64-v3, llama.cpp built without AVX-512; the host below "
                   "has AVX-512, its memory system and clocks are this machine's.")
 
 
@@ -94,17 +99,36 @@ def build_llama_cpp_avx2(target: Path) -> None:
     scratch.rename(target)
 
 
+# AVX-512's registers in objdump's AT&T syntax: zmm, the upper 16 ymm/xmm (EVEX only) and the mask registers
+AVX512_REGISTERS = re.compile(r"%zmm|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|%k[1-7]\b")
+
+
+def build_kernels_avx2(env: dict) -> None:
+    """torchat's attention kernel built for x86-64-v3 (the measurement processes then find it in the cache),
+    checked to use no AVX-512 register."""
+    library = subprocess.run([sys.executable, "-c", "from torchat.kernels import et_kernels_library as k; print(k())"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
+                             check=True).stdout
+    if AVX512_REGISTERS.search(listing):
+        raise SystemExit(f"{library}: uses AVX-512 registers though built with TORCHAT_KERNEL_MARCH=x86-64-v3")
+
+
 def emulation_environment(hook_dir: Path) -> dict:
-    """The variables a measurement process needs to run with AVX-512 hidden: the cpuinfo hook written into
-    `hook_dir` and the AVX2 llama.cpp (built once) first on PYTHONPATH, MKL and ATen held to AVX2."""
+    """The variables a measurement process (and an AOTI export) needs to run with AVX-512 hidden: the cpuinfo hook
+    written into `hook_dir` and the AVX2 llama.cpp (built once) first on PYTHONPATH, MKL, oneDNN, ATen and Inductor
+    held to AVX2, torchat's kernel built for AVX2."""
     sys.path.insert(0, str(ROOT))
     from torchat.sources import cache_dir
 
     llama = cache_dir() / "llama-cpp-avx2"
     build_llama_cpp_avx2(llama)
     Path(hook_dir, "sitecustomize.py").write_text(HOOK.format(fields=ISA_FIELDS, proc=PROC_NAMES, checked=CHECKED))
-    return {"PYTHONPATH": os.pathsep.join([str(hook_dir), str(llama), os.environ.get("PYTHONPATH", "")]),
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {"PYTHONPATH": os.pathsep.join([str(hook_dir), str(llama), os.environ.get("PYTHONPATH", "")]),
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "TORCHAT_KERNEL_MARCH": "x86-64-v3",
+           "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    build_kernels_avx2({**os.environ, **env})
+    return env
 
 
 def main() -> int:

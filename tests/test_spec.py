@@ -250,3 +250,23 @@ def test_an_aoti_build_is_keyed_by_the_compiler_and_the_cpu_it_compiles_for(tmp_
     avx2, avx512 = specs("avx avx2 fma"), specs("avx avx2 avx512f fma")
     assert avx2["aoti"]["native"]["isa"] == "avx avx2 fma" and avx2["aoti"] != avx512["aoti"]
     assert "native" not in avx2["et"] and avx2["et"] == avx512["et"]
+
+
+def test_a_narrowed_instruction_set_enters_an_aoti_builds_key(monkeypatch):
+    """An AOTI build made with Inductor's -march or ATen's vector ISA narrowed (the AVX2 emulation) is another
+    artifact than the native one, and a build with neither set keeps its key."""
+    from torchat.spec.toolchain import compiled_code_target
+
+    for variable in ("TORCHINDUCTOR_CPP_MARCH", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(variable, raising=False)
+    compiled_code_target.cache_clear()
+    try:
+        plain = compiled_code_target()
+        monkeypatch.setenv("TORCHINDUCTOR_CPP_MARCH", "x86-64-v3")
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+        compiled_code_target.cache_clear()
+        narrowed = compiled_code_target()
+    finally:
+        compiled_code_target.cache_clear()
+    assert set(plain) == {"cxx", "machine", "isa"}
+    assert narrowed == {**plain, "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2"}

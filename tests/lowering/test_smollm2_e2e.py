@@ -22,7 +22,9 @@ NEW_TOKENS = 64
 # to float64 (AVX-512): eager 1.13e-4, .pt2 1.08e-4, .pte 1.62e-4 with torchat's sdpa kernel (1.88e-4 on
 # ExecuTorch's custom_sdpa).
 LOGITS_TOLERANCE = {".pt2": 1e-4, ".pte": 2e-4}
-# an artifact's distance to the float64 model, as a multiple of eager fp32's own
+# an artifact's distance to the float64 model, as a multiple of eager fp32's own. That one depends on the machine's
+# BLAS: 1.13e-4 on an AMD EPYC, 3.05e-5 on an Intel Xeon (where the .pte measured 1.71e-4, as on the EPYC); where eager
+# is that close, the artifact is held to its tolerance against eager instead.
 EXACT_ERROR_RATIO = 2.0
 
 
@@ -71,4 +73,4 @@ def test_smollm2_fp32_artifact_matches_eager(smollm2_artifact, eager_run, exact_
     print(f"SmolLM2 fp32 {suffix}: max |logits - eager| {worst:.3g} over prefill + {NEW_TOKENS - 1} decode steps; "
           f"from float64: artifact {exact:.3g}, eager {eager_exact:.3g}")
     assert worst <= LOGITS_TOLERANCE[suffix]
-    assert exact <= EXACT_ERROR_RATIO * eager_exact
+    assert exact <= max(EXACT_ERROR_RATIO * eager_exact, LOGITS_TOLERANCE[suffix])

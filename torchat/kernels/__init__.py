@@ -3,9 +3,9 @@
 The executorch wheel ships its runtime as shared libraries (libexecutorch.so, which the pybindings load) and
 its headers, but nothing to build a kernel against them from Python; so the first load compiles the sources
 here with the machine's C++ compiler into one shared library, keyed by the sources, the flags, the compiler,
-executorch's version and the CPU (it is built -march=native), and cached under the torchat cache. Loading it
-registers its kernels in the runtime's registry, where the pybindings find them. runner-et compiles the same
-sources into its binary (runner-et/CMakeLists.txt).
+executorch's version and the CPU (it is built -march=native unless TORCHAT_KERNEL_MARCH names another target),
+and cached under the torchat cache. Loading it registers its kernels in the runtime's registry, where the
+pybindings find them. runner-et compiles the same sources into its binary (runner-et/CMakeLists.txt).
 
 `load_pte_runtime` is what running a .pte from Python needs, and nothing more: the pybindings' C extension and the
 kernel libraries, loaded directly. The wheel's Python wrappers around them pull in its compiler: `portable_lib`
@@ -35,9 +35,13 @@ SOURCES = [Path(__file__).with_name("et_sdpa.cpp")]
 # which older artifacts attend with). Each also registers its ops' ATen forms with torch, which is why they are
 # loaded with torch.ops.load_library.
 PTE_KERNEL_LIBRARIES = ("kernels/quantized/*quantized_ops_aot_lib.*", "extension/llm/custom_ops/*custom_ops_aot_lib.*")
-# -ffast-math: glibc's vectorized expf (libmvec) for the softmax; the sources avoid infinities
-FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-march=native", "-shared", "-fPIC",
-         "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL"]
+# -ffast-math: glibc's vectorized expf (libmvec) for the softmax; the sources avoid infinities.
+# TORCHAT_KERNEL_MARCH replaces -march=native (benchmarks/avx2_emulation.py sets x86-64-v3: AVX2, FMA, F16C, so that
+# the kernel, too, runs without AVX-512 there); it is one of the flags, so part of the build key.
+def compile_flags() -> list[str]:
+    return ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd",
+            f"-march={os.environ.get('TORCHAT_KERNEL_MARCH') or 'native'}", "-shared", "-fPIC",
+            "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED", "-DET_USE_THREADPOOL"]
 
 
 def _executorch_root() -> Path:
@@ -68,7 +72,7 @@ def _build_key(compiler: str) -> str:
     for source in SOURCES:
         digest.update(source.read_bytes())
     version_line = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    for part in (*FLAGS, version_line, version("executorch"), platform.machine(), _cpu_flags()):
+    for part in (*compile_flags(), version_line, version("executorch"), platform.machine(), _cpu_flags()):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -83,7 +87,7 @@ def et_kernels_library() -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         built = Path(scratch) / output.name
-        command = [compiler, *FLAGS, f"-I{root / 'include'}",
+        command = [compiler, *compile_flags(), f"-I{root / 'include'}",
                    f"-I{root / 'include/executorch/runtime/core/portable_type/c10'}", *map(str, SOURCES),
                    "-o", str(built), f"-L{root / 'lib'}", "-lexecutorch", "-lexecutorch_threadpool",
                    f"-Wl,-rpath,{root / 'lib'}"]

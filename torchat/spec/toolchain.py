@@ -43,4 +43,10 @@ def compiled_code_target() -> dict[str, str]:
         pass
     import platform
 
-    return {"cxx": native_toolchain()["cxx"], "machine": platform.machine(), "isa": " ".join(sorted(flags))}
+    target = {"cxx": native_toolchain()["cxx"], "machine": platform.machine(), "isa": " ".join(sorted(flags))}
+    # what narrows the code to fewer instructions than the CPU's (benchmarks/avx2_emulation.py sets both): Inductor's
+    # -march and the vector ISA it and ATen pick. Only when set, so that every other build keeps its key.
+    for variable in ("TORCHINDUCTOR_CPP_MARCH", "ATEN_CPU_CAPABILITY"):
+        if os.environ.get(variable):
+            target[variable] = os.environ[variable]
+    return target
