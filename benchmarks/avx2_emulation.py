@@ -77,7 +77,7 @@ for index, name in enumerate(FIELDS):
 
 EMULATION_NOTE = ("**AVX2 emulated** (`benchmarks/avx2_emulation.py`): AVX-512 hidden from XNNPACK (cpuinfo's "
                   "flags cleared), MKL, oneDNN and ATen held to AVX2, torchat's attention kernel and an AOTI row's "
-                  "Inductor code compiled for x86-64-v3, llama.cpp built without AVX-512; the host below "
+                  "Inductor code compiled for x86-64-v3, llama.cpp built without AVX-512; the host named here "
                   "has AVX-512, its memory system and clocks are this machine's.")
 
 

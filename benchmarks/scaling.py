@@ -282,6 +282,8 @@ def pte_kv_dtype(report: dict) -> str:
 
 
 def render(report: dict) -> str:
+    from avx2_emulation import EMULATION_NOTE
+
     m = report["machine"]
     bandwidths = sorted({r.get("bandwidth_gb_s") or report["bandwidth_gb_s"] for r in report["results"]})
     lines = [f"# Scaling: model size and context position ({report['created'][:10]})", "",
@@ -297,9 +299,7 @@ def render(report: dict) -> str:
              "bytes filled) per step.", "",
              *([f"**Incomplete**: {report['jobs_done']} of {report['jobs_planned']} (model, system) jobs measured.",
                 ""] if report.get("jobs_done", 0) < report.get("jobs_planned", 0) else []),
-             *(["**AVX2 emulated** (`--avx2-emulated`): AVX-512 hidden from XNNPACK (cpuinfo's flags cleared), "
-                "MKL_ENABLE_INSTRUCTIONS=AVX2, llama.cpp built without AVX-512; the ISA above is the host's.", ""]
-               if report.get("avx2_emulated") else []),
+             *([EMULATION_NOTE, ""] if report.get("avx2_emulated") else []),
              "| model (params) | position | system | decode tok/s (min-max) | vs llama.cpp Q4_1 | prefill tok/s "
              "(prompt) | vs llama.cpp Q4_1 | MB read/token (KV) | % of roofline | others' CPU (max) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
