@@ -62,6 +62,26 @@ def test_kv_cache_takes_the_model_dtype():
     assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.bfloat16
 
 
+def test_an_fp16_cache_under_an_fp32_model_attends_over_rounded_keys_and_values():
+    """What a quantized .pte's cache holds (torchat.lowering.et.kv_cache_dtype), for the export's parity check: the
+    cache stores fp16, attention reads it back in fp32, and the logits are the fp32 cache's within fp16's rounding."""
+    model = tiny_transformer(std=None)
+    tokens = torch.randint(0, VOCAB, (1, 12))
+
+    def cached(dtype):
+        model.setup_caches(1, 16, dtype)
+        with torch.no_grad():
+            steps = [model(tokens[:, :4], torch.arange(4))]
+            steps += [model(tokens[:, i:i + 1], torch.tensor([i])) for i in range(4, 12)]
+        return torch.cat(steps, dim=1)
+
+    fp32, fp16 = cached(None), cached(torch.float16)
+    cache = model.layers[0].attention.kv_cache
+    assert cache.k_cache.dtype == cache.v_cache.dtype == torch.float16 and fp16.dtype == torch.float32
+    assert not torch.equal(fp16, fp32)
+    torch.testing.assert_close(fp16, fp32, atol=5e-3, rtol=5e-3)
+
+
 # published sizes (the model cards / papers), in parameters
 PUBLISHED = {"stories15M": 15.2e6, "stories42M": 41.7e6, "stories110M": 109.5e6, "Llama-2-7b": 6.74e9,
              "Llama-2-13b": 13.0e9, "Llama-2-70b": 69.0e9, "CodeLlama-7b-Python": 6.74e9,

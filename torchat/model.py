@@ -119,8 +119,8 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # k, v: (batch, kv_heads, seq, head_dim); input_pos: (seq,)
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
+        self.k_cache[:, :, input_pos] = k.to(self.k_cache.dtype)  # a no-op unless the cache holds another dtype
+        self.v_cache[:, :, input_pos] = v.to(self.v_cache.dtype)
         return self.k_cache, self.v_cache
 
 
@@ -143,7 +143,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (batch, kv_heads, max_seq_len, head_dim)
-            k, v = k[:, :, :attend], v[:, :, :attend]
+            k, v = k[:, :, :attend].to(q.dtype), v[:, :, :attend].to(q.dtype)  # a cache may hold another dtype
         if q.device.type == "cpu" and q.dtype != torch.float32:
             # torch's CPU attention kernel runs bf16/fp16 ~10x slower than fp32 (benchmarks/results/bench.md)
             q, k, v = q.float(), k.float(), v.float()
@@ -193,8 +193,9 @@ class Transformer(nn.Module):
         # attention (torchat.lowering.et) replaces the layers'
         self.filled_attention = True
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV caches (dtype and device of the weights); positions must stay below max_seq_len."""
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV caches (device of the weights; their dtype unless `dtype` is given); positions must stay
+        below max_seq_len."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len}")
         weight = self.layers[0].attention_norm.weight
@@ -202,7 +203,7 @@ class Transformer(nn.Module):
             # the layer's own KV heads: a tensor-parallel rank (torchat.parallel) holds only some of them
             attention = layer.attention
             attention.kv_cache = KVCache(max_batch_size, attention.n_kv_heads, max_seq_len,
-                                         attention.head_dim, weight.dtype, weight.device)
+                                         attention.head_dim, dtype or weight.dtype, weight.device)
         self.cache_len = max_seq_len
 
     def remove_caches(self) -> None:

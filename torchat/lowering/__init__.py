@@ -38,6 +38,9 @@ class Lowering:
     lower: Callable[[ExportedProgram, ArtifactMetadata, Path], None]
     # model (caches set up) -> a context manager that adapts its caches and attention to the backend for the export
     attention: Callable | None = None
+    # model -> the dtype of the artifact's KV cache where it differs from the model's (the parity check's eager
+    # reference keeps the same one, so that it compares the lowering, not fp16's rounding of keys and values)
+    cache_dtype: Callable | None = None
 
     @property
     def dtypes(self) -> tuple[Dtype, ...]:
@@ -59,7 +62,8 @@ LOWERINGS = {
     ".pt2": Lowering(ARTIFACT_SUFFIXES[".pt2"], _lazy("torchat.lowering.aoti", "lower_aoti_package")),
     ".so": Lowering(ARTIFACT_SUFFIXES[".so"], _lazy("torchat.lowering.aoti", "lower_aoti_dso")),
     ".pte": Lowering(ARTIFACT_SUFFIXES[".pte"], _lazy("torchat.lowering.et", "lower_et"),
-                     attention=_lazy("torchat.lowering.et", "llm_attention")),
+                     attention=_lazy("torchat.lowering.et", "llm_attention"),
+                     cache_dtype=_lazy("torchat.lowering.et", "cache_dtype")),
 }
 
 
@@ -154,7 +158,8 @@ def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: s
         lowering.lower(program, metadata, scratch)
         lowered_at = time.perf_counter()
         tolerance = tolerance or TOLERANCES[(dtype, bool(metadata.quant))]
-        parity = check_parity(model, scratch, tolerance, max_seq_len)
+        parity = check_parity(model, scratch, tolerance, max_seq_len,
+                              lowering.cache_dtype(model) if lowering.cache_dtype else None)
         checked_at = time.perf_counter()
         if not parity.ok:
             raise TorchatError(f"{output.name}: the {lowering.backend} artifact disagrees with the eager model "
