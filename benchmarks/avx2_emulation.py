@@ -17,7 +17,8 @@ Neither library has a switch for its instruction set, so:
   vector ISA from ATEN_CPU_CAPABILITY, oneDNN gets ONEDNN_MAX_CPU_ISA=AVX2; both variables enter the build's store key
   (torchat.spec.toolchain), so the AVX2 .pt2 is an artifact of its own beside the native one.
 Same memory system, caches and clocks as the host, so this is the AVX2 kernels' speed on this machine, not the AVX2
-machine's: a check on the ratios, not a replacement for measuring there. Writes benchmarks/results/avx2-emulated/bench.{json,md,png}.
+machine's: a check on the ratios, not a replacement for measuring there. Writes
+benchmarks/results/avx2-emulated/bench.{json,md,png}.
 """
 
 import argparse
