@@ -61,8 +61,10 @@ def test_weight_only_linear_to_executorch_is_refused(tiny_checkpoint, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
-def test_asymmetric_8da4w_keeps_one_xnnpack_call_a_layer(tiny_artifacts):
-    """The per-group correction (two fp32 linears) joins the 4-bit GEMMs in the layer's one delegate call."""
+def test_asymmetric_8da4w_runs_its_linears_on_torchats_kernel(tiny_artifacts):
+    """Every linear on the asymmetric grid runs on torchat::linear_q4, with the layer's norms, gate and residual
+    adds fused in (torchat.lowering.et.Q4Block): four calls a layer (q, k and v as one, w1 and w3 as one) and the
+    head; XNNPACK keeps what is left (RoPE, the final norm)."""
     from collections import Counter
 
     from executorch.exir._serialize._program import deserialize_pte_binary
@@ -72,16 +74,18 @@ def test_asymmetric_8da4w_keeps_one_xnnpack_call_a_layer(tiny_artifacts):
     program = deserialize_pte_binary(path.read_bytes())
     program = getattr(program, "program", program)
     plan = next(plan for plan in program.execution_plan if plan.name == "forward")
-    kinds = Counter(type(instruction.instr_args).__name__ for chain in plan.chains
-                    for instruction in chain.instructions)
-    assert kinds["DelegateCall"] == TINY_CHECKPOINT_ARGS["n_layers"] + 1
+    instructions = [instruction.instr_args for chain in plan.chains for instruction in chain.instructions]
+    calls = Counter(plan.operators[args.op_index].name for args in instructions
+                    if type(args).__name__ == "KernelCall")
+    assert calls["torchat::linear_q4"] == 4 * TINY_CHECKPOINT_ARGS["n_layers"] + 1
+    assert any(type(args).__name__ == "DelegateCall" for args in instructions)
 
 
 @pytest.mark.parametrize("quant", [{}, {"linear:8da4w": {"group_size": 32}}, {"linear:8da8w": {}},
                                    {"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}], ids=json.dumps)
 def test_fused_qkv_projection_is_the_three_projections_side_by_side(quant):
     """The .pte's one q/k/v GEMM (torchat.lowering.et.fused_linear) computes what wq, wk and wv compute apart:
-    the same codes, scales and corrections, and the same per-token activation quantization."""
+    the same codes and scales, and the same activation quantization."""
     from tiny_model import tiny_transformer
 
     from torchat.lowering.et import fused_linear
@@ -98,23 +102,6 @@ def test_fused_qkv_projection_is_the_three_projections_side_by_side(quant):
         torch.testing.assert_close(fused(x), torch.cat([p(x) for p in projections], dim=-1), rtol=1e-5, atol=1e-5)
     if quant:  # a quantized and a float projection have no one form
         assert fused_linear([attention.wq, torch.nn.Linear(model.args.dim, 8, bias=False)]) is None
-
-
-def test_feed_forward_sharing_group_sums_is_the_feed_forward():
-    """On the asymmetric grid the .pte's feed-forward computes its input's group sums once for w1 and w3
-    (torchat.lowering.et.SharedSumFeedForward): the same output as the layer's own feed-forward."""
-    from tiny_model import tiny_transformer
-
-    from torchat.lowering.et import SharedSumFeedForward
-
-    model = tiny_transformer()
-    assert not SharedSumFeedForward.applies(model.layers[0].feed_forward)  # fp32: nothing to share
-    quantize_model(model, parse_quant(json.dumps({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}})))
-    feed_forward = model.layers[0].feed_forward
-    assert SharedSumFeedForward.applies(feed_forward)
-    x = torch.randn(2, 5, model.args.dim, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(SharedSumFeedForward(feed_forward)(x), feed_forward(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quant, dtype", [({}, "FLOAT"), ({"linear:8da8w": {}}, "HALF"),

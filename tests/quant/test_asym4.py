@@ -1,5 +1,6 @@
 """The asymmetric 8da4w layer: a GGUF Q4_0/Q4_1 tensor lands on it with no re-quantization (bit for bit against
-gguf's own dequantizer), and the symmetric GEMM plus the per-group correction is the layer x @ Wᵀ."""
+gguf's own dequantizer), plain and packed for torchat::linear_q4, whose activation quantization is checked against
+one written out here (the op's ExecuTorch kernel against this reference: tests/lowering/test_kernels.py)."""
 
 import numpy as np
 import pytest
@@ -7,14 +8,15 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from torchat.quant.asym4 import Int8DynActAsymInt4Linear, asymmetric_int4_grid, group_sum_matrix
+from torchat.quant.asym4 import Int8DynActAsymInt4Linear, asymmetric_int4_grid, from_q4_layout, to_q4_layout
+from torchat.quant.base import group_view
 
 GGUF_4BIT = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1]
 
 
-def gguf_weight(qtype: GGMLQuantizationType, out_features=64, in_features=256, seed=0) -> torch.Tensor:
+def gguf_weight(qtype: GGMLQuantizationType, out_features=64, in_features=256, seed=0, mean=0.0) -> torch.Tensor:
     """A random weight written by gguf's quantizer and read back by its dequantizer (float32)."""
-    w = (torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05).numpy()
+    w = (torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05 + mean).numpy()
     return torch.from_numpy(dequantize(quantize(w, qtype), qtype).reshape(w.shape).copy())
 
 
@@ -29,36 +31,50 @@ def test_gguf_4bit_tensor_maps_onto_the_layer_exactly(qtype):
 
 
 @pytest.mark.parametrize("qtype", GGUF_4BIT, ids=lambda t: t.name)
-def test_runtime_form_is_the_symmetric_gemm_plus_the_correction(qtype):
-    """Packed: torchao's symmetric int4 tensor (the 8da4w GEMM XNNPACK runs) plus group sums times C. Only the
-    scales' rounding to bf16 (what XNNPACK stores) moves the weights: by (s − s')·(c − mean c), at most 15 of a
-    scale's bf16 half-ulps (2^-8 of it)."""
+def test_runtime_form_holds_the_gguf_weights_exactly(qtype):
+    """Packed for torchat::linear_q4: fp16 scales and offsets per block of 32, the codes in the kernel's byte order;
+    a GGUF tensor (fp16 scales and offsets) still gives gguf's dequantized weights bit for bit."""
     w = gguf_weight(qtype)
     layer = Int8DynActAsymInt4Linear.from_float(w, 32)
-    scale = layer.scale.clone()
-    layer.quantize_activations = False
+    codes = layer.codes().to(torch.uint8)
     layer.pack()
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-
-    assert isinstance(layer.weight, IntxUnpackedToInt8Tensor) and layer.weight.target_dtype == torch.int4
-    assert int(layer.weight.zero_point.abs().max()) == 0 and int(layer.weight.qdata.min()) >= -8
-    assert torch.equal(layer.weight.scale, layer.weight.scale.bfloat16().float())
-    bound = (15 * 2 ** -8 * scale + 1e-7).repeat_interleave(32, dim=1)
-    assert bool(((layer.dequantized_weight() - w).abs() <= bound).all())
-    x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(1))
-    expected = x @ layer.dequantized_weight().T
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert layer.q4_scales.dtype == layer.q4_offsets.dtype == torch.float16
+    assert torch.equal(from_q4_layout(layer.q4_codes), codes)
+    assert torch.equal(layer.dequantized_weight(), w)
 
 
-def test_dynamic_activations_are_quantized_like_8da4w():
-    w = gguf_weight(GGMLQuantizationType.Q4_1)
+def test_kernel_byte_order():
+    """Byte b of a pair of blocks: low nibble element (b // 8) * 4 + b % 4 of block (b // 4) % 2, high nibble 16
+    further (each 4-byte lane of the kernel's integer sums is one block's)."""
+    codes = torch.arange(64, dtype=torch.uint8).remainder(16).reshape(1, 64)
+    codes[0, 32:] = 15 - codes[0, 32:]
+    packed = to_q4_layout(codes)[0]
+    for b in range(32):
+        block, element = (b // 4) % 2, (b // 8) * 4 + b % 4
+        assert int(packed[b]) & 0xF == int(codes[0, 32 * block + element])
+        assert int(packed[b]) >> 4 == int(codes[0, 32 * block + element + 16])
+    assert torch.equal(from_q4_layout(to_q4_layout(codes)), codes)
+
+
+def test_dynamic_activations_are_quantized_per_block_of_32():
+    """The layer's int8 activations: per block of 32, scale max|x| / 127, round to nearest; the offsets' term takes
+    the block's float sum. Checked against the quantization written out here, on a weight whose offsets are large
+    (where the float sums matter), packed and plain alike."""
+    w = gguf_weight(GGMLQuantizationType.Q4_1, mean=0.3)
     x = torch.randn(4, w.shape[1], generator=torch.Generator().manual_seed(2))
     layer = Int8DynActAsymInt4Linear.from_float(w, 32)
-    quantized = layer(x)
-    error = float((quantized - x @ w.T).norm() / (x @ w.T).norm())
-    assert 0 < error < 0.02  # int8 per-token rounding: small, not nothing
+    w = layer.dequantized_weight()
+    blocks = x.view(4, -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = (torch.round(blocks / step) * step).view_as(x)
+    codes, scale = group_view(layer.codes(), 32), layer.scale[..., None]
+    symmetric = (codes * scale).view_as(w)  # the part of w the int8 activations meet
+    expected = xq @ symmetric.T + blocks.sum(-1) @ layer.offset.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    error = float((layer(x) - x @ w.T).norm() / (x @ w.T).norm())
+    assert 0 < error < 0.01  # int8 per-block rounding: small, not nothing
     layer.pack()
-    torch.testing.assert_close(layer(x), quantized, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_copy_of_a_grid_is_found_and_random_weights_fit_by_least_squares():
@@ -80,7 +96,6 @@ def test_padded_input_dim_and_constant_groups_are_exact():
     layer = Int8DynActAsymInt4Linear.from_float(w, 32)
     assert layer.padded_in == 96
     assert torch.equal(layer.dequantized_weight(), w)
-    assert torch.equal(group_sum_matrix(4, 2, torch.float32) @ torch.arange(4.0), torch.tensor([1.0, 5.0]))
 
 
 def test_8da4w_head_bitwidth_8_makes_the_head_8da8w():

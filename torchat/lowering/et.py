@@ -30,7 +30,7 @@ from torch.export import ExportedProgram
 
 from torchat.errors import TorchatError
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
-from torchat.model import Attention, FeedForward, KVCache, RMSNorm, Transformer, apply_rope
+from torchat.model import Attention, KVCache, RMSNorm, Transformer, TransformerBlock, apply_rope
 from torchat.quant.asym4 import Int8DynActAsymInt4Linear
 from torchat.quant.base import QuantizedModule
 
@@ -145,37 +145,52 @@ class CachedAttention(nn.Module):
         return apply_rope(x, cos, sin, rotated=nn.functional.linear(x, self.rotation.to(x.dtype)))
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
-        batch, seq, _ = x.shape
+        return self.wo(self.attend(self.wqkv(x), cos, sin, input_pos))
+
+    def attend(self, qkv, cos, sin, input_pos):
+        """The fused projection's output (batch, seq, (heads + 2 kv_heads) · head_dim) -> the heads' attention
+        output (batch, seq, heads · head_dim), the caches written."""
+        batch = qkv.shape[0]
         heads, kv_heads = self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(batch, -1, heads + 2 * kv_heads, self.head_dim)
+        qkv = qkv.view(batch, -1, heads + 2 * kv_heads, self.head_dim)
         qkv = self.rope(qkv, *self.rope_tables(cos, sin))
         q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
-        start = input_pos[0].item()
+        start, seq = input_pos[0].item(), qkv.shape[1]
         torch._check(start >= 0)
         torch._check(start + seq <= self.k_cache.shape[1])
         torch.ops.llama.update_cache(k.to(self.k_cache.dtype), self.k_cache, start)
         torch.ops.llama.update_cache(v.to(self.v_cache.dtype), self.v_cache, start)
         y = torch.ops.torchat.sdpa(q, self.k_cache, self.v_cache, start)
-        return self.wo(y.reshape(batch, -1, heads * self.head_dim))
+        return y.reshape(batch, -1, heads * self.head_dim)
 
 
-class SharedSumFeedForward(nn.Module):
-    """`feed_forward` with w1 and w3 on the asymmetric 8da4w grid sharing their input's group sums: one fp32
-    GEMM a layer fewer (torchat.quant.asym4)."""
+class Q4Block(nn.Module):
+    """A transformer layer whose linears are all on the asymmetric 4-bit grid, as four torchat::linear_q4 calls
+    with the rest of the layer fused into them (torchat/kernels/et_linear_q4.cpp): the attention norm into the q/k/v
+    projection, the residual into wo and w2, the feed-forward norm and SiLU gate into w1 and w3 (one projection).
+    Between them only the attention (RoPE, the cache writes, torchat::sdpa) is left, so a decode step makes a few
+    calls a layer where the linears apart from their norms, gate and adds made fifteen (SmolLM2, AVX2-emulated: the
+    step's time outside the linears' arithmetic went to calls)."""
 
-    def __init__(self, feed_forward: FeedForward):
+    def __init__(self, block: TransformerBlock, attention: CachedAttention):
         super().__init__()
-        self.w1, self.w2, self.w3 = feed_forward.w1, feed_forward.w2, feed_forward.w3
+        self.attention, self.wo = attention, attention.wo
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+        feed_forward = block.feed_forward
+        self.w13, self.w2 = fused_linear([feed_forward.w1, feed_forward.w3]), feed_forward.w2
 
     @staticmethod
-    def applies(feed_forward: FeedForward) -> bool:
-        w1, w3 = feed_forward.w1, feed_forward.w3
-        return (isinstance(w1, Int8DynActAsymInt4Linear) and isinstance(w3, Int8DynActAsymInt4Linear)
-                and (w1.group_size, w1.padded_in) == (w3.group_size, w3.padded_in))
+    def applies(block: TransformerBlock, attention: CachedAttention) -> bool:
+        feed_forward = block.feed_forward
+        linears = [attention.wqkv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3]
+        return all(isinstance(m, Int8DynActAsymInt4Linear) and m.packed and m.quantize_activations for m in linears)
 
-    def forward(self, x):
-        sums = self.w1.group_sums(x)
-        return self.w2(nn.functional.silu(self.w1(x, sums)) * self.w3(x, sums))
+    def forward(self, x, cos, sin, input_pos, mask, attend=None):
+        attention = self.attention
+        qkv = attention.wqkv(x, norm=self.attention_norm.weight, eps=self.attention_norm.eps)
+        h = self.wo(attention.attend(qkv, cos, sin, input_pos), residual=x)
+        gated = self.w13(h, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, gated=True)
+        return self.w2(gated, residual=h)
 
 
 class MatmulRMSNorm(RMSNorm):
@@ -196,31 +211,31 @@ class MatmulRMSNorm(RMSNorm):
 @contextmanager
 def llm_attention(model: Transformer):
     """While the forward is exported: every layer's attention on ExecuTorch's LLM ops, every RMSNorm in its
-    matmul form, w1 and w3 sharing their group sums where they can; then the model as it was."""
+    matmul form; then the model as it was."""
     load_llm_ops()
     originals = [layer.attention for layer in model.layers]
     caches = [attention.kv_cache for attention in originals]
     norms = {name: module for name, module in model.named_modules() if isinstance(module, RMSNorm)}
-    feed_forwards = [layer.feed_forward for layer in model.layers]
     model.filled_attention = False  # the wrappers bound their attention themselves
     dtype = cache_dtype(model)
     rope_tables = FusedRopeTables(originals[0].n_heads, originals[0].n_kv_heads, caches[0].k_cache.device)
+    blocks = list(model.layers)
     try:
-        for layer, attention, cache in zip(model.layers, originals, caches):
+        for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
-            layer.attention = CachedAttention(attention, cache, dtype, rope_tables)
-            if SharedSumFeedForward.applies(layer.feed_forward):
-                layer.feed_forward = SharedSumFeedForward(layer.feed_forward)
+            block.attention = CachedAttention(attention, cache, dtype, rope_tables)
+            if Q4Block.applies(block, block.attention):
+                model.layers[i] = Q4Block(block, block.attention)
         for name, norm in norms.items():
             model.set_submodule(name, MatmulRMSNorm(norm))
         yield model
     finally:
         for name, norm in norms.items():
             model.set_submodule(name, norm)
-        for layer, attention, cache, feed_forward in zip(model.layers, originals, caches, feed_forwards):
+        for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):
+            model.layers[i] = block
             attention.kv_cache = cache
-            layer.attention = attention
-            layer.feed_forward = feed_forward
+            block.attention = attention
         model.filled_attention = True
 
 

@@ -1,15 +1,12 @@
-"""8da4w on an asymmetric 4-bit grid: a scale and an offset per group, run on XNNPACK's symmetric kernel.
+"""8da4w on an asymmetric 4-bit grid: a scale and an offset per group (GGUF's Q4_1), on torchat's own kernel.
 
 XNNPACK's blockwise 4-bit GEMM fixes the zero point at 8, but a GGUF Q4_1 weight (and most 4-bit checkpoints)
 lies on an asymmetric grid, w = s·c + b with codes c in [0, 15]; re-quantizing it onto the symmetric grid cost
-SmolLM2 +68-72 % word perplexity (issue 18). The asymmetric grid splits exactly:
-
-    s·c + b = s·(c − 8) + (b + 8·s)
-
-so the layer is the symmetric 8da4w GEMM on the codes c − 8 plus a correction that is constant within a group:
-the per-group sums of the activations, x @ Sᵀ with a fixed 0/1 matrix S (groups, in), times C (out, groups),
-C = b + 8·s. Both are ordinary fp32 linears that XNNPACK delegates in the same partition as the 4-bit GEMM, and
-they are small (S and C hold 1/group_size of the weight's entries).
+SmolLM2 +68-72 % word perplexity (issue 18). The layer runs torchat::linear_q4 (torchat/kernels/et_linear_q4.cpp):
+the codes times the input quantized to int8 per block of 32, with a scale and an offset per block, as llama.cpp's
+Q4_1 x Q8_1 dot does; the offsets' term uses the blocks' float sums of the input. (Before, the layer was XNNPACK's
+symmetric GEMM on c − 8 plus a per-group correction, two more fp32 GEMMs; on AVX2 that kernel is bound by its
+arithmetic, issue 18's profile.)
 
 `asymmetric_int4_grid` finds the grid a float weight already lies on (a GGUF Q4_0/Q4_1 tensor dequantized, even
 after a cast to bf16), so such a checkpoint maps onto the layer without re-quantization; a group that lies on no
@@ -18,10 +15,8 @@ after a cast to bf16), so such a checkpoint maps onto the layer without re-quant
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from torchat.quant.base import (QuantizedModule, concatenated_intx, group_view, pack_nibbles, pad_columns, padded_size,
-                                unpack_nibbles)
+from torchat.quant.base import QuantizedModule, group_view, pack_nibbles, pad_columns, padded_size, unpack_nibbles
 
 # A group counts as lying on a grid when every value is within this many grid steps of it (plus what its dtype's
 # rounding allows): far below what random weights could meet by chance in 32 values.
@@ -43,8 +38,8 @@ def asymmetric_int4_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
 
     Per group: the coarsest grid lo + k-th fractions of the range (k = 1..15) that holds every value, and if the
     values are fp16 multiples as in a GGUF file, that grid's fp16 scale, so that a dequantized Q4_0 or Q4_1
-    tensor comes back bit for bit; else min/max codes with a least-squares scale and offset. A constant group
-    gets code 8 (nothing on the 4-bit GEMM) and its value as the offset.
+    tensor comes back bit for bit (with an fp16 offset too); else min/max codes with a least-squares scale and
+    offset. A constant group gets code 0 and its value as the offset.
     """
     g = group_view(w.detach().float(), group_size)  # (rows, groups, group_size)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
@@ -68,36 +63,133 @@ def asymmetric_int4_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     scale16 = scale.half().float()
     exact16 = ((scale16 * codes + offset) == g).all(-1, keepdim=True)
     scale = torch.where(on_grid & exact16, scale16, scale)
+    # and its offsets: a group whose codes do not reach 0 has its minimum above the file's offset, which is fp16 where
+    # the minimum may not be; the first shift of the codes by k (the offset k steps down) that makes an fp16 offset
+    # give every value back finds it (for Q4_0, -8 scales; torchat::linear_q4 keeps offsets in fp16)
+    fits16 = on_grid & exact16
+    shifted = fits16 & (offset.half().float() == offset)
+    top = codes.amax(-1, keepdim=True)
+    for k in range(1, 16):
+        candidate = (offset - scale * k).half().float()
+        found = (fits16 & ~shifted & (top + k <= 15)
+                 & ((scale * (codes + k) + candidate) == g).all(-1, keepdim=True))
+        codes, offset = torch.where(found, codes + k, codes), torch.where(found, candidate, offset)
+        shifted |= found
+    # or, for a Q4_0 tensor with a negative scale (values -7..8 steps), the codes counted down from the top
+    for k in range(15, 0, -1):
+        candidate = (offset + scale * k).half().float()
+        found = (fits16 & ~shifted & (top <= k)
+                 & ((-scale * (k - codes) + candidate) == g).all(-1, keepdim=True))
+        codes, scale = torch.where(found, k - codes, codes), torch.where(found, -scale, scale)
+        offset = torch.where(found, candidate, offset)
+        shifted |= found
     # off the grid (or on it only within rounding): least squares, unless degenerate
     refit_scale, refit_offset = _refit(g, codes)
     refit = ~flat & ~(on_grid & exact16) & (refit_scale > 0)
     scale = torch.where(refit, refit_scale.float(), scale)
     offset = torch.where(refit, refit_offset.float(), offset)
-    # constant groups: code 8 and the value in the offset (exact for the zero padding of the input dim)
-    codes = torch.where(flat, 8.0, codes)
+    # constant groups: code 0 and the value in the offset (exact for the zero padding of the input dim)
+    codes = torch.where(flat, 0.0, codes)
     scale = torch.where(flat, 1.0, scale)
-    offset = torch.where(flat, lo - 8.0, offset)
+    offset = torch.where(flat, lo, offset)
     return codes.to(torch.uint8).reshape(w.shape), scale[..., 0], offset[..., 0]
 
 
-def group_sum_matrix(in_features: int, group_size: int, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """(in / group_size, in) 0/1: x @ Sᵀ sums each group of x's columns (a linear, which XNNPACK delegates)."""
-    groups = in_features // group_size
-    return torch.eye(groups, dtype=dtype, device=device).repeat_interleave(group_size, dim=1)
+Q4_BLOCK = 32  # elements per scale in torchat::linear_q4 (a larger group's scale and offset repeat per block)
+Q4_PAIR = 2 * Q4_BLOCK  # elements per 32 bytes of codes
+
+# torchat::linear_q4, the op the packed layer calls: its ExecuTorch kernel is torchat/kernels/et_linear_q4.cpp (whose
+# header comment states it); here its definition for export and its reference in torch, which eager runs.
+_OPS = torch.library.Library("torchat", "FRAGMENT")
+_ARGS = ("Tensor x, Tensor codes, Tensor scales, Tensor offsets, Tensor? norm=None, float eps=0.0, "
+         "Tensor? residual=None, bool gated=False")
+_OPS.define(f"linear_q4({_ARGS}) -> Tensor")
+_OPS.define(f"linear_q4.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+
+# byte b of a pair's 32: its low nibble is element _ELEMENT[b] of block _BLOCK[b] of the pair, its high nibble
+# element _ELEMENT[b] + 16 (so that each 4-byte lane of the kernel's sums is one block's)
+_BLOCK = torch.tensor([(b // 4) % 2 for b in range(32)])
+_ELEMENT = torch.tensor([(b // 8) * 4 + b % 4 for b in range(32)])
 
 
-def bf16_exact(scale: torch.Tensor) -> torch.Tensor:
-    """The scale as XNNPACK runs it (executorch stores group-wise scales in bf16), in scale's dtype."""
-    return scale.to(torch.bfloat16).to(scale.dtype)
+def to_q4_layout(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) uint8 in [0, 15], in a multiple of 64, as linear_q4's bytes (out, in / 2)."""
+    pairs = codes.view(codes.shape[0], -1, 2, Q4_BLOCK)
+    low, high = pairs[:, :, _BLOCK, _ELEMENT], pairs[:, :, _BLOCK, _ELEMENT + 16]
+    return (low | (high << 4)).reshape(codes.shape[0], -1)
+
+
+def from_q4_layout(packed: torch.Tensor) -> torch.Tensor:
+    """linear_q4's bytes (out, in / 2) as codes (out, in) uint8."""
+    rows = packed.shape[0]
+    pairs = torch.empty(rows, packed.shape[1] // 32, 2, Q4_BLOCK, dtype=torch.uint8, device=packed.device)
+    bytes_ = packed.view(rows, -1, 32)
+    pairs[:, :, _BLOCK, _ELEMENT] = bytes_ & 0xF
+    pairs[:, :, _BLOCK, _ELEMENT + 16] = bytes_ >> 4
+    return pairs.reshape(rows, -1)
+
+
+def linear_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+              gated: bool = False) -> torch.Tensor:
+    """torchat::linear_q4 in torch: x (..., in) quantized to int8 per block of 32 (a = max|x| / 127, symmetric)
+    times the 4-bit weight scale·code (per block), plus offset times the block's float sum of x. Fused around it
+    for a transformer layer (torchat.lowering.et.Q4Block): `norm`, x RMS-normalized first (RMSNorm's weight and
+    eps); `gated`, the outputs' first half is a gate: silu(gate) · the second half; `residual`, added last."""
+    out_features, padded = codes.shape[0], codes.shape[1] * 2
+    xf = x.float()
+    if norm is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.float()
+    xf = pad_columns(xf, padded).unflatten(-1, (-1, Q4_BLOCK))
+    peak = xf.abs().amax(-1, keepdim=True)
+    quantized = torch.round(xf * torch.where(peak > 0, 127.0 / peak, 0.0)) * (peak / 127.0)
+    weight = (from_q4_layout(codes).float().view(out_features, -1, Q4_BLOCK) * scales.float()[..., None])
+    y = quantized.flatten(-2) @ weight.view(out_features, -1).T + xf.sum(-1) @ offsets.float().T
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def _linear_q4_out(x, codes, scales, offsets, norm=None, eps=0.0, residual=None, gated=False, *, out):
+    return out.copy_(linear_q4(x, codes, scales, offsets, norm, eps, residual, gated))
+
+
+def _linear_q4_meta(x, codes, scales, offsets, norm=None, eps=0.0, residual=None, gated=False):
+    return x.new_empty(*x.shape[:-1], codes.shape[0] // 2 if gated else codes.shape[0])
+
+
+_OPS.impl("linear_q4", linear_q4, "CompositeExplicitAutograd")
+_OPS.impl("linear_q4.out", _linear_q4_out, "CompositeExplicitAutograd")
+_OPS.impl("linear_q4", _linear_q4_meta, "Meta")
+
+
+def q4_parts(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
+    """linear_q4's (codes, scales, offsets) for codes (out, padded_in) in [0, 15] with a float scale and offset per
+    group: the input padded to a multiple of 64 (codes 0, scale and offset 0), the scale and offset per block of
+    32 in fp16; the offset absorbs, by least squares over the block, what rounding the scale to fp16 moved
+    (nothing for a GGUF file, whose scales and offsets are fp16)."""
+    rows = codes.shape[0]
+    padded = padded_size(codes.shape[1], Q4_PAIR)
+    codes = pad_columns(codes, padded)
+    repeat = group_size // Q4_BLOCK
+    scale = pad_columns(scale.float().repeat_interleave(repeat, dim=1), padded // Q4_BLOCK)
+    offset = pad_columns(offset.float().repeat_interleave(repeat, dim=1), padded // Q4_BLOCK)
+    scale16 = scale.half()
+    mean_codes = codes.float().view(rows, -1, Q4_BLOCK).mean(-1)
+    offset16 = (offset + (scale - scale16.float()) * mean_codes).half()
+    return to_q4_layout(codes), scale16, offset16
 
 
 class Int8DynActAsymInt4Linear(QuantizedModule):
-    """8da4w with an asymmetric group-wise grid: int8 dynamic activations (per token, asymmetric) into the
-    symmetric int4 GEMM, plus the exact per-group correction (module docstring).
+    """8da4w with an asymmetric group-wise grid: int8 dynamic activations (per block of 32, symmetric) times 4-bit
+    codes with a scale and an offset per group, torchat's own kernel (torchat::linear_q4).
 
     Plain form: qdata (out, in/2) uint8 codes in [0, 15], scale and offset (out, groups) in the float dtype.
-    Runtime form: `weight`, torchao's IntxUnpackedToInt8Tensor of codes − 8 with bf16-exact scales, and
-    `correction` C (out, groups), least-squares over each group for what rounding the scale to bf16 moved.
+    Runtime form: linear_q4's `q4_codes`, `q4_scales` and `q4_offsets` (`q4_parts`); eager runs the op's torch
+    reference, a .pte its kernel. The plain form's forward is the same op on the same parts, made on the fly;
     quantize_activations=False leaves the activations in float (for tests: then the layer is x @ Wᵀ).
     """
 
@@ -106,7 +198,7 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
     def __init__(self, in_features: int, out_features: int, group_size: int, qdata, scale, offset,
                  quantize_activations: bool = True):
         super().__init__()
-        assert group_size > 0, "the asymmetric 8da4w grid is group-wise"
+        assert group_size % Q4_BLOCK == 0, "the asymmetric 8da4w grid is group-wise, in blocks of 32"
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.padded_in = padded_size(in_features, group_size)
         self.quantize_activations = quantize_activations
@@ -116,10 +208,8 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         self.register_buffer("qdata", qdata)
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
-        self.register_buffer("group_sum", group_sum_matrix(self.padded_in, group_size, scale.dtype, scale.device),
-                             persistent=False)
-        self.weight = None
-        self.correction = None
+        self.q4_codes = self.q4_scales = self.q4_offsets = None
+        self._float_dtype = scale.dtype
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype | None = None):
@@ -142,11 +232,11 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
 
     @property
     def packed(self) -> bool:
-        return self.weight is not None
+        return self.q4_codes is not None
 
     @property
     def float_dtype(self) -> torch.dtype:
-        return self.correction.dtype if self.packed else self.scale.dtype
+        return self._float_dtype
 
     def codes(self) -> torch.Tensor:
         """(out, padded_in) codes in [0, 15] as float32."""
@@ -154,38 +244,20 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.packed:
-            sym = self.weight.dequantize().float()
-            correction = self.correction.float().repeat_interleave(self.group_size, dim=1)
-            return (sym + correction)[:, :self.in_features].to(self.float_dtype)
-        # scale·c + offset in float32, the order gguf's Q4_1 dequantizer computes in
-        grouped = group_view(self.codes(), self.group_size) * self.scale.float()[..., None] + self.offset.float()[
-            ..., None]
+            codes = from_q4_layout(self.q4_codes).float().view(self.out_features, -1, Q4_BLOCK)
+            grouped = codes * self.q4_scales.float()[..., None] + self.q4_offsets.float()[..., None]
+        else:  # scale·c + offset in float32, the order gguf's Q4_1 dequantizer computes in
+            grouped = group_view(self.codes(), self.group_size) * self.scale.float()[..., None] + self.offset.float()[
+                ..., None]
         return grouped.reshape(self.out_features, -1)[:, :self.in_features].to(self.float_dtype)
 
-    def _runtime_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes − 8 int8 (out, padded_in), bf16-exact scale, correction (out, groups)) in the float dtype."""
-        codes = self.codes()
-        scale = self.scale.float()
-        run_scale = bf16_exact(scale)
-        # b + 8·s' + (s − s')·mean(c): the group's mean of what s'·(c − 8) leaves of s·c + b
-        mean_codes = group_view(codes, self.group_size).mean(-1)
-        correction = self.offset.float() + 8 * run_scale + (scale - run_scale) * mean_codes
-        dtype = self.scale.dtype
-        return (codes - 8).to(torch.int8), run_scale.to(dtype), correction.to(dtype)
+    def _q4_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.packed:
+            return self.q4_codes, self.q4_scales, self.q4_offsets
+        return q4_parts(unpack_nibbles(self.qdata), self.scale, self.offset, self.group_size)
 
     def pack(self) -> None:
-        from torchao.quantization import IntxUnpackedToInt8Tensor
-        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            IntxUnpackedToInt8TensorActivationQuantization as ActQuant)
-
-        codes, run_scale, correction = self._runtime_parts()
-        act = ActQuant.INT8_ASYM_PER_TOKEN if self.quantize_activations else None
-        tensor = IntxUnpackedToInt8Tensor(codes, run_scale, torch.zeros_like(codes[:, ::self.group_size]),
-                                          torch.int4, [1, self.group_size], run_scale.dtype, act)
-        self.weight = nn.Parameter(tensor, requires_grad=False)
-        self.correction = correction
-        # rebuilt here: a non-persistent buffer made on the meta device (load_quantized) loads no values
-        self.group_sum = group_sum_matrix(self.padded_in, self.group_size, correction.dtype, correction.device)
+        self.q4_codes, self.q4_scales, self.q4_offsets = self._q4_parts()
         self.qdata = self.scale = self.offset = None
 
     @classmethod
@@ -194,35 +266,17 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         if fused is None or any(m.quantize_activations != first.quantize_activations for m in modules):
             return None
         fused.quantize_activations = first.quantize_activations
-        fused.weight = nn.Parameter(concatenated_intx([m.weight for m in modules]), requires_grad=False)
-        fused.correction = torch.cat([m.correction for m in modules])
-        fused.group_sum = first.group_sum  # one input: one group-sum matrix
+        fused.q4_codes, fused.q4_scales, fused.q4_offsets = (torch.cat([m._q4_parts()[i] for m in modules])
+                                                             for i in range(3))
         fused.qdata = fused.scale = fused.offset = None
         return fused
 
-    def group_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., groups): each group of x's columns summed; what the correction multiplies, the same for every
-        layer of this group size that reads x (torchat.lowering.et computes it once for w1 and w3)."""
-        return F.linear(pad_columns(x, self.padded_in), self.group_sum.to(x.dtype))
-
-    def forward(self, x: torch.Tensor, group_sums: torch.Tensor | None = None) -> torch.Tensor:
-        """group_sums: self.group_sums(x) when the caller has it already."""
-        if group_sums is None:
-            group_sums = self.group_sums(x)
-        x = pad_columns(x, self.padded_in)
-        # the group sums times C (out, groups)
-        corrected = F.linear(group_sums, (self.correction if self.packed else self._plain_correction()).to(x.dtype))
-        if self.packed:
-            return F.linear(x, self.weight) + corrected
-        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            _apply_int8_act_asym_per_token_quant_dequant)
-
-        symmetric = group_view(self.codes() - 8, self.group_size) * self.scale.float()[..., None]
-        xq = _apply_int8_act_asym_per_token_quant_dequant(x) if self.quantize_activations else x
-        return F.linear(xq, symmetric.reshape(self.out_features, -1).to(x.dtype)) + corrected
-
-    def _plain_correction(self) -> torch.Tensor:
-        return self.offset.float() + 8 * self.scale.float()  # b + 8·s: s·c + b = s·(c − 8) + (b + 8·s)
+    def forward(self, x: torch.Tensor, **fused) -> torch.Tensor:
+        """fused: linear_q4's norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.Q4Block)."""
+        if not self.quantize_activations:
+            assert not fused, "the float-activation form (tests) fuses nothing"
+            return F.linear(x, self.dequantized_weight().to(x.dtype))
+        return torch.ops.torchat.linear_q4(x, *self._q4_parts(), **fused)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

@@ -85,7 +85,7 @@ class BackendBuild:
 BACKEND_BUILDS: dict[Backend, BackendBuild] = {
     Backend.EAGER: BackendBuild((), ()),
     Backend.AOTI: BackendBuild(("runner", "runner-aoti"), ()),
-    Backend.ET: BackendBuild(("runner", "runner-et", "torchat/kernels/et_sdpa.cpp"), ("executorch",)),
+    Backend.ET: BackendBuild(("runner", "runner-et", "torchat/kernels"), ("executorch",)),
 }
 RUNNER_BACKENDS = [b for b, info in BACKENDS.items() if info.output]
 PER_MODEL_STEPS = (Step.DOWNLOAD, Step.CONVERT, Step.TOKENIZER)

@@ -1,0 +1,126 @@
+"""torchat::linear_q4's ExecuTorch kernel (torchat/kernels/et_linear_q4.cpp, run by the pybindings) against the
+packed layer written out in float64 (its weights, for a GGUF tensor, are gguf's dequantized ones: test_asym4.py):
+decode and prefill, an input dim padded to the kernel's 64, a group of 64 (two blocks a scale), row counts that
+leave the kernel's 4-row tiles a remainder, shapes large enough for the thread pool, the norm, gate and residual
+a .pte's layer fuses into the op, and each of the kernel's
+code paths: built for this machine (VNNI where it has it), for AVX2 without VNNI (x86-64-v3) and portable C++
+(x86-64), each in a process of its own (TORCHAT_KERNEL_MARCH keys the library torchat.kernels builds)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+from torch.export import Dim
+
+from torchat.quant.asym4 import Int8DynActAsymInt4Linear, from_q4_layout
+
+HERE = Path(__file__).resolve().parent
+# (out_features, in_features, group_size, tokens, fused), GGUF Q4_1 weights (random ones for the large shapes);
+# fused: with an RMSNorm before, the SiLU gate and a residual after (what a .pte's layer asks of the op)
+CASES = [(64, 256, 32, (1, 7), False), (62, 80, 32, (1, 3), False), (36, 576, 64, (1, 5), False),
+         (1536, 576, 32, (1, 33), False), (577, 1536, 32, (1, 2), False), (64, 80, 32, (1, 4), True),
+         (3072, 576, 32, (1, 9), True)]
+EPS = 1e-5
+
+
+class Linear(nn.Module):
+    def __init__(self, layer, norm=None):
+        super().__init__()
+        self.layer, self.norm = layer, norm
+
+    def forward(self, x, residual):
+        if self.norm is None:
+            return self.layer(x)
+        return self.layer(x, norm=self.norm, eps=EPS, residual=residual, gated=True)
+
+
+def reference(layer: Int8DynActAsymInt4Linear, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:
+    """The packed layer written out: x quantized to int8 per block of 32 (in float32, as the kernel rounds it), the
+    rest in float64: the codes times their fp16 scale against the int8 values, the fp16 offsets against the blocks'
+    float sums. (Packing's fp16 scales move a weight that lies on no fp16 grid a little: test_asym4 checks that a
+    GGUF one stays exact.) With a norm: x RMS-normalized first (float32, as RMSNorm), then silu(gate) · up and the
+    residual added, in float64."""
+    if norm is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * norm
+    codes = from_q4_layout(layer.q4_codes).double().view(layer.out_features, -1, 32)
+    blocks = nn.functional.pad(x, (0, codes.shape[1] * 32 - x.shape[-1])).unflatten(-1, (-1, 32))
+    peak = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(peak > 0, 127.0 / peak, 0.0)).double() * (peak.double() / 127)
+    weight = codes * layer.q4_scales.double()[..., None]
+    y = q.flatten(-2) @ weight.flatten(1).T + blocks.double().sum(-1) @ layer.q4_offsets.double().T
+    if norm is None:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return gate * torch.sigmoid(gate) * up + residual.double()
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Each case as an ExecuTorch program (the op undelegated, on the kernel) beside its inputs and the reference's
+    outputs: a directory of case<i>.pte and case<i>.pt."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from gguf.quants import dequantize, quantize
+
+    directory = tmp_path_factory.mktemp("linear_q4")
+    for i, (n, k, group, tokens, fused) in enumerate(CASES):
+        generator = torch.Generator().manual_seed(i)
+        width = -(-k // 32) * 32  # gguf quantizes whole blocks: the columns past k are dropped
+        w = (torch.randn(n, width, generator=generator) * 0.05).numpy()
+        if n * k < 500_000:
+            w = dequantize(quantize(w, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1).reshape(w.shape)
+        layer = Int8DynActAsymInt4Linear.from_float(torch.from_numpy(w[:, :k].copy()), group)
+        norm = torch.rand(k, generator=generator) + 0.5 if fused else None
+        inputs = [(torch.randn(1, t, k, generator=generator) * 3, torch.randn(1, t, n // 2, generator=generator))
+                  for t in tokens]
+        layer.pack()
+        expected = [reference(layer, x, norm, residual) for x, residual in inputs]
+        seq = Dim("seq", max=64)
+        example = (torch.zeros(1, 3, k), torch.zeros(1, 3, n // 2))
+        exported = torch.export.export(Linear(layer, norm), example, dynamic_shapes=({1: seq}, {1: seq}))
+        edge = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        (directory / f"case{i}.pte").write_bytes(edge.to_executorch().buffer)
+        torch.save({"inputs": inputs, "expected": expected}, directory / f"case{i}.pt")
+    return directory
+
+
+RUN = """
+import sys, torch
+from torchat.kernels import load_pte_runtime
+runtime = load_pte_runtime()
+for i in range(int(sys.argv[2])):
+    program = runtime._load_for_executorch(f"{sys.argv[1]}/case{i}.pte")
+    data = torch.load(f"{sys.argv[1]}/case{i}.pt", weights_only=True)
+    for (x, residual), expected in zip(data["inputs"], data["expected"]):
+        got = program.forward((x, residual))[0]
+        assert got.shape == expected.shape, (i, got.shape, expected.shape)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])
+def test_kernel_matches_the_layer_written_out(cases, march):
+    if march != "native" and os.uname().machine != "x86_64":
+        pytest.skip("an x86-64 code path")
+    env = {**os.environ, "TORCHAT_KERNEL_MARCH": "" if march == "native" else march}
+    result = subprocess.run([sys.executable, "-c", RUN, str(cases), str(len(CASES))], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_torch_form_is_the_layer_written_out():
+    """What eager runs (the op's torch form, for the packed layer) agrees with the written-out layer too."""
+    for n, k, group, tokens, fused in CASES[:3] + CASES[5:6]:
+        generator = torch.Generator().manual_seed(n)
+        layer = Int8DynActAsymInt4Linear.from_float(torch.randn(n, k, generator=generator) * 0.05, group)
+        x, residual = torch.randn(2, tokens[-1], k, generator=generator), torch.randn(2, tokens[-1], n // 2)
+        norm = torch.rand(k, generator=generator) + 0.5 if fused else None
+        layer.pack()
+        expected = reference(layer, x, norm, residual)
+        got = layer(x, norm=norm, eps=EPS, residual=residual, gated=True) if fused else layer(x)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

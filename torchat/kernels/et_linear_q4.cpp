@@ -1,0 +1,344 @@
+// ExecuTorch kernel for torchat::linear_q4.out: a linear on 4-bit weights with a scale and an offset per block of 32
+// (GGUF's Q4_1 grid), its input quantized to int8 per block of 32 on the fly; what torchat's 8da4w layers on the
+// asymmetric grid lower to (torchat/quant/asym4.py, which also holds the layout and the op's reference in torch).
+// Written by hand: XNNPACK's blockwise 4-bit GEMM has a symmetric grid (an asymmetric one cost a second, fp32 GEMM
+// for the offsets' term) and on AVX2 it is bound by its arithmetic (SmolLM2 decode step, AVX2-emulated Ice Lake:
+// its feed-forward GEMMs ran at ~14 GB/s of weight bytes where 24.7 were available). Here the codes (unsigned, 0..15)
+// multiply the int8 activations with vpmaddubsw (or VNNI's vpdpbusd), as llama.cpp's Q4_1 x Q8_1 dot does.
+//
+//   y[t, n] = sum over blocks j of  scale[n, j] * a[t, j] * sum_e code[n, j, e] * q[t, j, e]  +  offset[n, j] * X[t, j]
+//
+// where the input block x[t, j, :] has a = max|x| / 127, q = round(x * 127 / max|x|) and X = sum(x) (exact: the
+// offsets' term uses the float sums). x (..., K) float32; codes (N, Kp / 2) uint8 with Kp a multiple of 64 and
+// K <= Kp (the input is zero-padded to Kp); scales and offsets (N, Kp / 32) float16; out (..., N) float32.
+// Codes come in pairs of blocks, 32 bytes each: byte b holds, in its low nibble, element (b / 8) * 4 + b % 4 of
+// block (b / 4) % 2 of the pair, in its high nibble element 16 more; so one 32-byte load gives both blocks' codes,
+// each 4-byte lane of a vpmaddubsw/vpmaddwd sum belongs to one block, alternating, and the pair's two scales (one
+// 4-byte load, widened) line up with the lanes without a shuffle.
+//
+// Built into runner-et, and for the Python loader into the shared library beside et_sdpa.cpp
+// (torchat/kernels/__init__.py).
+
+#include <executorch/runtime/core/evalue.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/kernel_runtime_context.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+#include <executorch/runtime/platform/log.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TORCHAT_Q4_AVX2 1
+#endif
+
+namespace torchat {
+namespace {
+
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::EValue;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Span;
+
+constexpr int64_t kBlock = 32;           // elements per scale
+constexpr int64_t kPair = 2 * kBlock;    // elements per 32 bytes of codes
+constexpr int64_t kAhead = 2048;  // bytes of codes prefetched ahead
+constexpr int64_t kSerialWork = 1 << 15;  // weight bytes x tokens: below this the op runs on the calling thread
+
+// One token's input, quantized: per pair of blocks 64 int8 (the low nibbles' partners, then the high ones', in the
+// codes' byte order), per block a = max|x| / 127 and X = sum(x).
+struct Activations {
+  std::vector<int8_t> q;
+  std::vector<float> a, sums, y;  // y: the linear's outputs where a gate combines them before `out`
+};
+
+// byte position, within its pair's 64, of element e of block parity g
+inline int64_t position(int64_t g, int64_t e) {
+  const int64_t half = e / 16, r = e % 16;
+  return half * 32 + (r / 4) * 8 + g * 4 + r % 4;
+}
+
+// tokens [begin, end) of x (tokens, k), RMS-normalized first where `norm` (k weights) is given
+void quantize_rows(const float* x, int64_t k, int64_t kp, const float* norm, float eps, int64_t begin, int64_t end,
+                   Activations& act) {
+  const int64_t blocks = kp / kBlock;
+  float block[kBlock];
+  for (int64_t t = begin; t < end; ++t) {
+    const float* row = x + t * k;
+    int8_t* q = act.q.data() + t * kp;
+    float inverse_rms = 1.f;
+    if (norm != nullptr) {
+      float squares = 0.f;
+      for (int64_t e = 0; e < k; ++e) squares += row[e] * row[e];
+      inverse_rms = 1.f / std::sqrt(squares / static_cast<float>(k) + eps);
+    }
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int64_t start = j * kBlock, n = std::clamp<int64_t>(k - start, 0, kBlock);
+      std::fill(block, block + kBlock, 0.f);
+      std::memcpy(block, row + start, n * sizeof(float));
+      if (norm != nullptr)
+        for (int64_t e = 0; e < n; ++e) block[e] = block[e] * inverse_rms * norm[start + e];
+      float peak = 0.f, sum = 0.f;
+      for (int64_t e = 0; e < kBlock; ++e) peak = std::max(peak, std::fabs(block[e]));
+      for (int64_t e = 0; e < kBlock; ++e) sum += block[e];
+      const float inverse = peak > 0.f ? 127.f / peak : 0.f;
+      int8_t* pair = q + (j / 2) * kPair;
+      for (int64_t e = 0; e < kBlock; ++e)
+        pair[position(j % 2, e)] = static_cast<int8_t>(std::nearbyint(block[e] * inverse));
+      act.a[t * blocks + j] = peak / 127.f;
+      act.sums[t * blocks + j] = sum;
+    }
+  }
+}
+
+inline float half_to_float(uint16_t h) {
+  _Float16 v;
+  std::memcpy(&v, &h, sizeof(v));
+  return static_cast<float>(v);
+}
+
+struct Problem {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint16_t* offsets;
+  int64_t n, kp, tokens;
+  const Activations* act;
+  float* out;             // (tokens, n)
+  const float* residual;  // added to out where given, (tokens, n)
+};
+
+inline void store(const Problem& p, int64_t t, int64_t r, float value) {
+  const int64_t at = t * p.n + r;
+  p.out[at] = p.residual == nullptr ? value : value + p.residual[at];
+}
+
+// sum over blocks of offset * X for one row and token
+inline float offsets_term(const uint16_t* offsets, const float* sums, int64_t blocks) {
+  int64_t j = 0;
+  float total = 0.f;
+#ifdef TORCHAT_Q4_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= blocks; j += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + j))),
+                          _mm256_loadu_ps(sums + j), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  total = _mm_cvtss_f32(s);
+#endif
+  for (; j < blocks; ++j) total += half_to_float(offsets[j]) * sums[j];
+  return total;
+}
+
+#ifdef TORCHAT_Q4_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// the 8 int32 lane sums of one pair's codes (lo / hi nibbles) times its activations
+inline __m256i pair_dot(__m256i lo, __m256i hi, const int8_t* q) {
+  const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, qa), hi, qb);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, qa), hi, qb);
+#else
+  // |15 * 127 * 2| * 2 fits int16: the two products add before widening
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa), _mm256_maddubs_epi16(hi, qb));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
+// rows [r, r + R) for tokens [t, t + T): R x T accumulators; each pair's codes are unpacked once for the T tokens
+// (prefill) and each token's activations loaded once for the R rows
+template <int R, int T>
+void rows_avx2(const Problem& p, int64_t r, int64_t t) {
+  const int64_t pairs = p.kp / kPair, blocks = p.kp / kBlock;
+  const int8_t* q = p.act->q.data() + t * p.kp;
+  const float* a = p.act->a.data() + t * blocks;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int u = 0; u < T; ++u) acc[i][u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    // per token, a of the pair's two blocks, alternating as the lanes do
+    __m256 scale_a[T];
+    for (int u = 0; u < T; ++u) {
+      double a2;
+      std::memcpy(&a2, a + u * blocks + 2 * j, sizeof(a2));
+      scale_a[u] = _mm256_castpd_ps(_mm256_set1_pd(a2));
+    }
+    for (int i = 0; i < R; ++i) {
+      const uint8_t* row = p.codes + (r + i) * (p.kp / 2) + j * 32;
+      _mm_prefetch(reinterpret_cast<const char*>(row) + kAhead, _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      int32_t s2;
+      std::memcpy(&s2, p.scales + (r + i) * blocks + 2 * j, sizeof(s2));
+      const __m256 scale = _mm256_cvtph_ps(_mm_set1_epi32(s2));
+      for (int u = 0; u < T; ++u) {
+        const __m256 dot = _mm256_cvtepi32_ps(pair_dot(lo, hi, q + u * p.kp + j * kPair));
+        acc[i][u] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, scale_a[u]), acc[i][u]);
+      }
+    }
+  }
+  for (int u = 0; u < T; ++u) {
+    const float* sums = p.act->sums.data() + (t + u) * blocks;
+    for (int i = 0; i < R; ++i)
+      store(p, t + u, r + i, hsum(acc[i][u]) + offsets_term(p.offsets + (r + i) * blocks, sums, blocks));
+  }
+}
+
+#else
+// portable: one row for one token
+void row_portable(const Problem& p, int64_t r, int64_t t) {
+  const int64_t blocks = p.kp / kBlock;
+  const int8_t* q = p.act->q.data() + t * p.kp;
+  const uint8_t* row = p.codes + r * (p.kp / 2);
+  float total = 0.f;
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int64_t g = j % 2;
+    const uint8_t* pair = row + (j / 2) * 32;
+    const int8_t* qp = q + (j / 2) * kPair;
+    int32_t dot = 0;
+    for (int64_t e = 0; e < kBlock; ++e) {
+      const int64_t b = position(g, e) % 32;
+      const int32_t code = e < 16 ? (pair[b] & 0x0F) : (pair[b] >> 4);
+      dot += code * qp[position(g, e)];
+    }
+    total += half_to_float(p.scales[r * blocks + j]) * p.act->a[t * blocks + j] * static_cast<float>(dot);
+  }
+  store(p, t, r, total + offsets_term(p.offsets + r * blocks, p.act->sums.data() + t * blocks, blocks));
+}
+#endif
+
+constexpr int64_t kTile = 4;  // rows a tile
+
+constexpr int64_t kTokens = 2;  // tokens a tile of a prefill
+
+void run_rows(const Problem& p, int64_t tile_begin, int64_t tile_end) {
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t r0 = tile * kTile, r1 = std::min(p.n, r0 + kTile);
+#ifdef TORCHAT_Q4_AVX2
+    int64_t t = 0;
+    if (r1 - r0 == kTile) {
+      for (; t + kTokens <= p.tokens; t += kTokens) rows_avx2<kTile, kTokens>(p, r0, t);
+      for (; t < p.tokens; ++t) rows_avx2<kTile, 1>(p, r0, t);
+      continue;
+    }
+    for (; t < p.tokens; ++t)
+      for (int64_t r = r0; r < r1; ++r) rows_avx2<1, 1>(p, r, t);
+#else
+    for (int64_t t = 0; t < p.tokens; ++t)
+      for (int64_t r = r0; r < r1; ++r) row_portable(p, r, t);
+#endif
+  }
+}
+
+bool is_contiguous(const Tensor& t, ScalarType dtype, int64_t dim) {
+  return t.scalar_type() == dtype && t.dim() == dim && executorch::runtime::tensor_is_contiguous(t);
+}
+
+// out = silu(y[:width]) * y[width:] (+ residual); exp's argument held below its overflow (-ffast-math: no infinities)
+void gate(const float* y, int64_t width, float* out, const float* residual) {
+#pragma omp simd
+  for (int64_t c = 0; c < width; ++c) {
+    const float g = y[c];
+    out[c] = g / (1.f + expf(fminf(-g, 80.f))) * y[width + c];
+  }
+  if (residual != nullptr)
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) out[c] += residual[c];
+}
+
+const Tensor* optional_tensor(EValue* value) { return value->isNone() ? nullptr : &value->toTensor(); }
+
+// linear_q4.out(Tensor x, Tensor codes, Tensor scales, Tensor offsets, Tensor? norm, float eps, Tensor? residual,
+//               bool gated, *, Tensor(a!) out) -> Tensor(a!)
+void linear_q4_out(KernelRuntimeContext& context, Span<EValue*> stack) {
+  const Tensor& x = stack[0]->toTensor();
+  const Tensor& codes = stack[1]->toTensor();
+  const Tensor& scales = stack[2]->toTensor();
+  const Tensor& offsets = stack[3]->toTensor();
+  const Tensor* norm = optional_tensor(stack[4]);
+  const float eps = static_cast<float>(stack[5]->toDouble());
+  const Tensor* residual = optional_tensor(stack[6]);
+  const bool gated = stack[7]->toBool();
+  Tensor& out = stack[8]->toTensor();
+  const char* why = nullptr;
+  const int64_t n = codes.dim() == 2 ? codes.size(0) : 0, kp = codes.dim() == 2 ? codes.size(1) * 2 : 0;
+  const int64_t k = x.dim() >= 1 ? x.size(x.dim() - 1) : 0, width = gated ? n / 2 : n;
+  if (x.scalar_type() != ScalarType::Float || x.dim() < 1 || !executorch::runtime::tensor_is_contiguous(x))
+    why = "x must be contiguous float32 (..., in_features)";
+  else if (!is_contiguous(codes, ScalarType::Byte, 2) || kp % kPair != 0 || k > kp || (gated && n % 2 != 0))
+    why = "codes must be contiguous uint8 (out_features, padded_in / 2), padded_in a multiple of 64 and >= x's, "
+          "out_features even if gated";
+  else if (!is_contiguous(scales, ScalarType::Half, 2) || !is_contiguous(offsets, ScalarType::Half, 2) ||
+           scales.size(0) != n || offsets.size(0) != n || scales.size(1) != kp / kBlock ||
+           offsets.size(1) != kp / kBlock)
+    why = "scales and offsets must be contiguous float16 (out_features, padded_in / 32)";
+  else if (norm != nullptr && (!is_contiguous(*norm, ScalarType::Float, 1) || norm->size(0) != k))
+    why = "norm must be contiguous float32 (in_features)";
+  if (why == nullptr) {
+    executorch::aten::SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
+    sizes[x.dim() - 1] = width;
+    if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok ||
+        !is_contiguous(out, ScalarType::Float, x.dim()))
+      why = "cannot resize the output to (..., out_features) float32";
+    else if (residual != nullptr && (!is_contiguous(*residual, ScalarType::Float, x.dim()) ||
+                                     residual->numel() != out.numel()))
+      why = "residual must be contiguous float32 shaped as the output";
+  }
+  if (why != nullptr) {
+    ET_LOG(Error, "torchat::linear_q4.out: %s", why);
+    context.fail(Error::InvalidArgument);
+    return;
+  }
+  const int64_t tokens = k == 0 ? 0 : x.numel() / k, blocks = kp / kBlock;
+  static thread_local Activations buffers;  // reused: a decode step calls this 4 times a layer
+  Activations& act = buffers;  // what the workers see (a thread_local named in a lambda would be theirs)
+  act.q.resize(tokens * kp);
+  act.a.resize(tokens * blocks);
+  act.sums.resize(tokens * blocks);
+  if (gated) act.y.resize(tokens * n);
+  const float* xd = x.const_data_ptr<float>();
+  const float* norm_weight = norm == nullptr ? nullptr : norm->const_data_ptr<float>();
+  const bool serial = n * kp / 2 * tokens < kSerialWork;
+  const auto quantize = [&](int64_t b, int64_t e) { quantize_rows(xd, k, kp, norm_weight, eps, b, e, act); };
+  if (serial || tokens == 1)
+    quantize(0, tokens);
+  else
+    executorch::extension::parallel_for(0, tokens, 1, quantize);
+  const float* added = residual == nullptr ? nullptr : residual->const_data_ptr<float>();
+  float* result = out.mutable_data_ptr<float>();
+  const Problem p{codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr()),
+                  reinterpret_cast<const uint16_t*>(offsets.const_data_ptr()), n, kp, tokens, &act,
+                  gated ? act.y.data() : result, gated ? nullptr : added};
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  if (serial)
+    run_rows(p, 0, tiles);
+  else
+    executorch::extension::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { run_rows(p, b, e); });
+  if (gated)  // silu(gate) * up, the first half of the outputs the gate
+    for (int64_t t = 0; t < tokens; ++t)
+      gate(act.y.data() + t * n, width, result + t * width, added == nullptr ? nullptr : added + t * width);
+}
+
+const executorch::runtime::Kernel kKernels[] = {
+    executorch::runtime::Kernel("torchat::linear_q4.out", linear_q4_out),
+};
+const Error kRegistered = executorch::runtime::register_kernels({kKernels, 1});
+
+}  // namespace
+}  // namespace torchat
