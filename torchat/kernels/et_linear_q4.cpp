@@ -65,35 +65,82 @@ inline int64_t position(int64_t g, int64_t e) {
   return half * 32 + (r / 4) * 8 + g * 4 + r % 4;
 }
 
+#ifdef TORCHAT_Q4_AVX2
+// 32 floats (zero-padded, normalized) -> 32 int8 in order, for a = max|x| / 127; the block's a and float sum
+inline __m256i quantize_block(const float* x, float& a, float& sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], peak = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, v[i]));
+    total = _mm256_add_ps(total, v[i]);
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  a = top / 127.f;
+  const __m256 inverse = _mm256_set1_ps(top > 0.f ? 127.f / top : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i)  // round to nearest even, as nearbyint
+    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT |
+                                                                                _MM_FROUND_NO_EXC));
+  // packs work within 128-bit lanes: the permute puts the 32 bytes back in order
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+#endif
+
 // tokens [begin, end) of x (tokens, k), RMS-normalized first where `norm` (k weights) is given
 void quantize_rows(const float* x, int64_t k, int64_t kp, const float* norm, float eps, int64_t begin, int64_t end,
                    Activations& act) {
   const int64_t blocks = kp / kBlock;
-  float block[kBlock];
+  float pair[kPair];
   for (int64_t t = begin; t < end; ++t) {
     const float* row = x + t * k;
     int8_t* q = act.q.data() + t * kp;
     float inverse_rms = 1.f;
     if (norm != nullptr) {
       float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
       for (int64_t e = 0; e < k; ++e) squares += row[e] * row[e];
       inverse_rms = 1.f / std::sqrt(squares / static_cast<float>(k) + eps);
     }
-    for (int64_t j = 0; j < blocks; ++j) {
-      const int64_t start = j * kBlock, n = std::clamp<int64_t>(k - start, 0, kBlock);
-      std::fill(block, block + kBlock, 0.f);
-      std::memcpy(block, row + start, n * sizeof(float));
+    for (int64_t j = 0; j < blocks; j += 2) {  // a pair of blocks
+      const int64_t start = j * kBlock, n = std::clamp<int64_t>(k - start, 0, kPair);
+      std::fill(pair + n, pair + kPair, 0.f);
       if (norm != nullptr)
-        for (int64_t e = 0; e < n; ++e) block[e] = block[e] * inverse_rms * norm[start + e];
-      float peak = 0.f, sum = 0.f;
-      for (int64_t e = 0; e < kBlock; ++e) peak = std::max(peak, std::fabs(block[e]));
-      for (int64_t e = 0; e < kBlock; ++e) sum += block[e];
-      const float inverse = peak > 0.f ? 127.f / peak : 0.f;
-      int8_t* pair = q + (j / 2) * kPair;
-      for (int64_t e = 0; e < kBlock; ++e)
-        pair[position(j % 2, e)] = static_cast<int8_t>(std::nearbyint(block[e] * inverse));
-      act.a[t * blocks + j] = peak / 127.f;
-      act.sums[t * blocks + j] = sum;
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) pair[e] = row[start + e] * inverse_rms * norm[start + e];
+      else
+        std::memcpy(pair, row + start, n * sizeof(float));
+      float* a = act.a.data() + t * blocks + j;
+      float* sums = act.sums.data() + t * blocks + j;
+      int8_t* out = q + (j / 2) * kPair;
+#ifdef TORCHAT_Q4_AVX2
+      // each block's 16 low-nibble partners, then its 16 high ones, interleaved 4 bytes at a time (position())
+      const __m256i b0 = quantize_block(pair, a[0], sums[0]), b1 = quantize_block(pair + kBlock, a[1], sums[1]);
+      const __m128i l0 = _mm256_castsi256_si128(b0), l1 = _mm256_castsi256_si128(b1);
+      const __m128i h0 = _mm256_extracti128_si256(b0, 1), h1 = _mm256_extracti128_si256(b1, 1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                          _mm256_setr_m128i(_mm_unpacklo_epi32(l0, l1), _mm_unpackhi_epi32(l0, l1)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32),
+                          _mm256_setr_m128i(_mm_unpacklo_epi32(h0, h1), _mm_unpackhi_epi32(h0, h1)));
+#else
+      for (int64_t g = 0; g < 2; ++g) {
+        const float* block = pair + g * kBlock;
+        float peak = 0.f, sum = 0.f;
+        for (int64_t e = 0; e < kBlock; ++e) peak = std::max(peak, std::fabs(block[e]));
+        for (int64_t e = 0; e < kBlock; ++e) sum += block[e];
+        const float inverse = peak > 0.f ? 127.f / peak : 0.f;
+        for (int64_t e = 0; e < kBlock; ++e)
+          out[position(g, e)] = static_cast<int8_t>(std::nearbyint(block[e] * inverse));
+        a[g] = peak / 127.f;
+        sums[g] = sum;
+      }
+#endif
     }
   }
 }
