@@ -13,13 +13,14 @@ from torchat.generate import EagerModel, Sampling, generate
 from torchat.lowering.parity import TOLERANCES
 from torchat.quant import parse_quant, quantize_model
 
-# (quant JSON, artifact suffix): what XNNPACK runs correctly, and AOTI's own int4 path
+# (quant JSON, artifact suffix): what XNNPACK and torchat's kernels run correctly, and AOTI's own paths
 SUPPORTED = [
     ({"linear:8da4w": {"group_size": 32}, "embedding": {"bitwidth": 4, "group_size": 32}}, ".pte"),
     ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}, ".pte"),
     ({"embedding": {"bitwidth": 8, "group_size": 0}}, ".pte"),
     ({"linear:8da8w": {}}, ".pte"),
     ({"linear:8da4w": {"group_size": 32}}, ".pt2"),
+    ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}, ".pt2"),  # torchat::linear_q4's torch form
     ({"linear:int4": {"group_size": 32}}, ".pt2"),
 ]
 
@@ -47,7 +48,9 @@ def test_quantized_artifact_reproduces_eager_quantized(tiny_artifacts, quant, su
         for tokens, positions in steps:
             expected, got = eager.forward(tokens, positions), exported.forward(tokens, positions)
             assert (got - expected).abs().max() <= tolerance.allowed(float(expected.abs().max()))
-    if suffix == ".pt2":  # AOTI runs the same quantized kernels as eager: the same greedy tokens
+    # AOTI runs the same quantized kernels as eager: the same greedy tokens (but Inductor compiles linear_q4's torch
+    # form, whose int8 rounding of the activations can land the other side of a tie: the logits bound holds it)
+    if suffix == ".pt2" and quant.get("linear:8da4w", {}).get("grid") != "asymmetric":
         assert list(generate(exported, prompt, 24, Sampling())) == eager_tokens
 
 

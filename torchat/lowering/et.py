@@ -211,7 +211,8 @@ class MatmulRMSNorm(RMSNorm):
 @contextmanager
 def llm_attention(model: Transformer):
     """While the forward is exported: every layer's attention on ExecuTorch's LLM ops, every RMSNorm in its
-    matmul form; then the model as it was."""
+    matmul form, every linear on the asymmetric 4-bit grid on torchat::linear_q4 (with the rest of its layer fused
+    in where all of the layer's are: Q4Block); then the model as it was."""
     load_llm_ops()
     originals = [layer.attention for layer in model.layers]
     caches = [attention.kv_cache for attention in originals]
@@ -219,7 +220,7 @@ def llm_attention(model: Transformer):
     model.filled_attention = False  # the wrappers bound their attention themselves
     dtype = cache_dtype(model)
     rope_tables = FusedRopeTables(originals[0].n_heads, originals[0].n_kv_heads, caches[0].k_cache.device)
-    blocks = list(model.layers)
+    blocks, kernel_linears = list(model.layers), []
     try:
         for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
@@ -228,8 +229,13 @@ def llm_attention(model: Transformer):
                 model.layers[i] = Q4Block(block, block.attention)
         for name, norm in norms.items():
             model.set_submodule(name, MatmulRMSNorm(norm))
+        kernel_linears = [m for m in model.modules() if isinstance(m, Int8DynActAsymInt4Linear)]
+        for linear in kernel_linears:
+            linear.kernel = True
         yield model
     finally:
+        for linear in kernel_linears:
+            linear.kernel = False
         for name, norm in norms.items():
             model.set_submodule(name, norm)
         for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):

@@ -188,8 +188,8 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
     codes with a scale and an offset per group, torchat's own kernel (torchat::linear_q4).
 
     Plain form: qdata (out, in/2) uint8 codes in [0, 15], scale and offset (out, groups) in the float dtype.
-    Runtime form: linear_q4's `q4_codes`, `q4_scales` and `q4_offsets` (`q4_parts`); eager runs the op's torch
-    reference, a .pte its kernel. The plain form's forward is the same op on the same parts, made on the fly;
+    Runtime form: linear_q4's `q4_codes`, `q4_scales` and `q4_offsets` (`q4_parts`); eager and AOTI run the op's
+    torch form, a .pte its kernel (`kernel`). The plain form's forward is the same on the same parts, made on the fly;
     quantize_activations=False leaves the activations in float (for tests: then the layer is x @ Wᵀ).
     """
 
@@ -210,6 +210,9 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         self.register_buffer("offset", offset)
         self.q4_codes = self.q4_scales = self.q4_offsets = None
         self._float_dtype = scale.dtype
+        # forward calls the op (a .pte's kernel: torchat.lowering.et sets this while it exports) rather than its
+        # torch form, which eager runs and AOTI compiles like any other torch code
+        self.kernel = False
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype | None = None):
@@ -276,7 +279,8 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         if not self.quantize_activations:
             assert not fused, "the float-activation form (tests) fuses nothing"
             return F.linear(x, self.dequantized_weight().to(x.dtype))
-        return torch.ops.torchat.linear_q4(x, *self._q4_parts(), **fused)
+        op = torch.ops.torchat.linear_q4 if self.kernel else linear_q4
+        return op(x, *self._q4_parts(), **fused)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
