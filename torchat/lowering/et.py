@@ -1,6 +1,9 @@
-"""ExecuTorch: an exported forward lowered to XNNPACK, with torchat's metadata as constant methods.
+"""ExecuTorch: an exported forward lowered to XNNPACK and torchat's kernels, its metadata as constant methods.
 
-XNNPACK runs fp32 and the dynamic-activation linear schemes (8da4w, 8da8w) plus int8/int4 embeddings; weight-only
+XNNPACK runs fp32 and the dynamic-activation linear schemes (8da4w on the symmetric grid, 8da8w) plus int8/int4
+embeddings; 8da4w on the asymmetric grid (GGUF's Q4_1, the presets' choice) runs on torchat's own 4-bit kernel,
+`torchat::linear_q4` (torchat/kernels/et_linear_q4.cpp, see torchat.quant.asym4), with each layer's norms, SiLU
+gate and residual adds fused into its four calls (Q4Block); weight-only
 linear quant lowers *silently wrong* there (the weight scales are dropped), which `torchat.quant.backend_support`
 refuses before anything is lowered. The embedding quant needs `do_quant_fusion_and_const_prop` to become
 `quantized_decomposed::embedding_byte/4bit`, run by executorch's quantized kernels.
@@ -14,9 +17,9 @@ under a mask (SmolLM2 8da4w: 6.7 tok/s at a 2048 cache). The Python loader gets 
 executorch's AOT library and sdpa's from torchat.kernels; runner-et compiles its own (runner/et_llm_ops.cpp).
 
 Everything else in a layer is written so that XNNPACK takes it whole, one delegate call per layer between two
-attention ops: XNNPACK takes no reshape with a symbolic size (so the views name the sequence -1), no slice of a
-dynamic tensor (so RoPE's rotate-half is a matmul with a constant signed permutation, exact in fp32) and no mean
-but of a 4D tensor's two inner dims (so RMSNorm's mean square is a matmul with a constant 1/dim row). The plain
+attention ops (a Q4Block leaves it RoPE only): XNNPACK takes no reshape with a symbolic size (so the views name the
+sequence -1), no slice of a dynamic tensor (so RoPE's rotate-half is a matmul with a constant signed permutation,
+exact in fp32) and no mean but of a 4D tensor's two inner dims (so RMSNorm's mean square is a matmul with a constant 1/dim row). The plain
 model lowered to four delegate calls a layer with a non-delegated mean, split and views between them (SmolLM2
 8da4w .pte, AVX2: 2.0 ms of its 10 ms decode step went to the 122 calls' overhead).
 """
