@@ -73,6 +73,13 @@ inline int64_t position(int64_t g, int64_t e) {
 }
 
 #ifdef TORCHAT_Q4_AVX2
+// the sum of v's 8 lanes
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 // 32 floats (zero-padded, normalized) -> 32 int8 in order, for a = max|x| / 127; the block's a and float sum
 inline __m256i quantize_block(const float* x, float& a, float& sum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
@@ -85,9 +92,7 @@ inline __m256i quantize_block(const float* x, float& a, float& sum) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  sum = hsum(total);
   a = top / 127.f;
   const __m256 inverse = _mm256_set1_ps(top > 0.f ? 127.f / top : 0.f);
   __m256i q[4];
@@ -182,22 +187,13 @@ inline float offsets_term(const uint16_t* offsets, const float* sums, int64_t bl
   for (; j + 8 <= blocks; j += 8)
     acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + j))),
                           _mm256_loadu_ps(sums + j), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  total = _mm_cvtss_f32(s);
+  total = hsum(acc);
 #endif
   for (; j < blocks; ++j) total += half_to_float(offsets[j]) * sums[j];
   return total;
 }
 
 #ifdef TORCHAT_Q4_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // the 8 int32 lane sums of one pair's codes (lo / hi nibbles) times its activations
 inline __m256i pair_dot(__m256i lo, __m256i hi, const int8_t* q) {
   const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));

@@ -175,16 +175,17 @@ class Q4Block(nn.Module):
     calls a layer where the linears apart from their norms, gate and adds made fifteen (SmolLM2, AVX2-emulated: the
     step's time outside the linears' arithmetic went to calls)."""
 
-    def __init__(self, block: TransformerBlock, attention: CachedAttention):
+    def __init__(self, block: TransformerBlock):
+        """block: a layer whose attention is a CachedAttention already."""
         super().__init__()
-        self.attention, self.wo = attention, attention.wo
+        self.attention, self.wo = block.attention, block.attention.wo
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
         feed_forward = block.feed_forward
         self.w13, self.w2 = fused_linear([feed_forward.w1, feed_forward.w3]), feed_forward.w2
 
     @staticmethod
-    def applies(block: TransformerBlock, attention: CachedAttention) -> bool:
-        feed_forward = block.feed_forward
+    def applies(block: TransformerBlock) -> bool:
+        attention, feed_forward = block.attention, block.feed_forward
         linears = [attention.wqkv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3]
         return all(isinstance(m, Int8DynActAsymInt4Linear) and m.packed and m.quantize_activations for m in linears)
 
@@ -228,8 +229,8 @@ def llm_attention(model: Transformer):
         for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
             block.attention = CachedAttention(attention, cache, dtype, rope_tables)
-            if Q4Block.applies(block, block.attention):
-                model.layers[i] = Q4Block(block, block.attention)
+            if Q4Block.applies(block):
+                model.layers[i] = Q4Block(block)
         for name, norm in norms.items():
             model.set_submodule(name, MatmulRMSNorm(norm))
         kernel_linears = [m for m in model.modules() if isinstance(m, Int8DynActAsymInt4Linear)]

@@ -269,8 +269,7 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         if fused is None or any(m.quantize_activations != first.quantize_activations for m in modules):
             return None
         fused.quantize_activations = first.quantize_activations
-        fused.q4_codes, fused.q4_scales, fused.q4_offsets = (torch.cat([m._q4_parts()[i] for m in modules])
-                                                             for i in range(3))
+        fused.q4_codes, fused.q4_scales, fused.q4_offsets = map(torch.cat, zip(*(m._q4_parts() for m in modules)))
         fused.qdata = fused.scale = fused.offset = None
         return fused
 
