@@ -64,23 +64,30 @@ def test_weight_only_linear_to_executorch_is_refused(tiny_checkpoint, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
-def test_asymmetric_8da4w_runs_its_linears_on_torchats_kernel(tiny_artifacts):
-    """Every linear on the asymmetric grid runs on torchat::linear_q4, with the layer's norms, gate and residual
-    adds fused in (torchat.lowering.et.Q4Block): four calls a layer (q, k and v as one, w1 and w3 as one) and the
-    head; XNNPACK keeps what is left (RoPE, the final norm)."""
+@pytest.mark.parametrize("quant, op, head", [
+    ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}, "torchat::linear_q4", "torchat::linear_q4"),
+    ({"linear:8da8w": {}}, "torchat::linear_q8", "torchat::linear_q8"),
+    ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric", "head_bitwidth": 8}}, "torchat::linear_q4",
+     "torchat::linear_q8")], ids=["asymmetric-8da4w", "8da8w", "8-bit-head"])
+def test_kernel_schemes_run_their_linears_on_torchats_kernels(tiny_artifacts, quant, op, head):
+    """Every linear on the asymmetric 4-bit grid runs on torchat::linear_q4, every 8da8w one (the presets' 8-bit head
+    too) on torchat::linear_q8, with the layer's norms, gate and residual adds fused in
+    (torchat.lowering.et.KernelBlock): four calls a layer (q, k and v as one, w1 and w3 as one) and the head; XNNPACK
+    keeps what is left (RoPE, the final norm)."""
     from collections import Counter
 
     from executorch.exir._serialize._program import deserialize_pte_binary
     from tiny_model import TINY_CHECKPOINT_ARGS
 
-    path = tiny_artifacts.get(".pte", {"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}})
+    path = tiny_artifacts.get(".pte", quant)
     program = deserialize_pte_binary(path.read_bytes())
     program = getattr(program, "program", program)
     plan = next(plan for plan in program.execution_plan if plan.name == "forward")
     instructions = [instruction.instr_args for chain in plan.chains for instruction in chain.instructions]
     calls = Counter(plan.operators[args.op_index].name for args in instructions
                     if type(args).__name__ == "KernelCall")
-    assert calls["torchat::linear_q4"] == 4 * TINY_CHECKPOINT_ARGS["n_layers"] + 1
+    expected = Counter({op: 4 * TINY_CHECKPOINT_ARGS["n_layers"]}) + Counter({head: 1})
+    assert {name: calls[name] for name in expected} == dict(expected)
     assert any(type(args).__name__ == "DelegateCall" for args in instructions)
 
 

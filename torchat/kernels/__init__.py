@@ -28,7 +28,7 @@ from torchat.errors import TorchatError
 from torchat.quiet import native_log_lines
 from torchat.sources import cache_dir
 
-SOURCES = [Path(__file__).with_name(name) for name in ("et_sdpa.cpp", "et_linear_q4.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("et_sdpa.cpp", "et_linear.cpp")]
 # The wheel's kernel libraries that torchat's .pte programs call, as globs under the executorch package (the wheel's
 # own loaders glob the same way): the quantized_decomposed kernels (embedding_byte/4bit...; without them a
 # quantized program fails to load with error 0x14) and the LLM extension's llama::update_cache (and custom_sdpa,

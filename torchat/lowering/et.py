@@ -1,9 +1,9 @@
 """ExecuTorch: an exported forward lowered to XNNPACK and torchat's kernels, its metadata as constant methods.
 
-XNNPACK runs fp32 and the dynamic-activation linear schemes (8da4w on the symmetric grid, 8da8w) plus int8/int4
-embeddings; 8da4w on the asymmetric grid (GGUF's Q4_1, the presets' choice) runs on torchat's own 4-bit kernel,
-`torchat::linear_q4` (torchat/kernels/et_linear_q4.cpp, see torchat.quant.asym4), with each layer's norms, SiLU
-gate and residual adds fused into its four calls (Q4Block); weight-only
+XNNPACK runs fp32 and 8da4w on the symmetric grid plus int8/int4 embeddings; 8da4w on the asymmetric grid (GGUF's
+Q4_1, the presets' choice) and 8da8w (the presets' 8-bit head too) run on torchat's own kernels, `torchat::linear_q4`
+and `torchat::linear_q8` (torchat/kernels/et_linear.cpp, see torchat.quant.asym4 and .intx), with each layer's norms,
+SiLU gate and residual adds fused into its four calls (KernelBlock); weight-only
 linear quant lowers *silently wrong* there (the weight scales are dropped), which `torchat.quant.backend_support`
 refuses before anything is lowered. The embedding quant needs `do_quant_fusion_and_const_prop` to become
 `quantized_decomposed::embedding_byte/4bit`, run by executorch's quantized kernels.
@@ -17,7 +17,7 @@ under a mask (SmolLM2 8da4w: 6.7 tok/s at a 2048 cache). The Python loader gets 
 executorch's AOT library and sdpa's from torchat.kernels; runner-et compiles its own (runner/et_llm_ops.cpp).
 
 Everything else in a layer is written so that XNNPACK takes it whole, one delegate call per layer between two
-attention ops (a Q4Block leaves it RoPE only): XNNPACK takes no reshape with a symbolic size (so the views name the
+attention ops (a KernelBlock leaves it RoPE only): XNNPACK takes no reshape with a symbolic size (so the views name the
 sequence -1), no slice of a dynamic tensor (so RoPE's rotate-half is a matmul with a constant signed permutation,
 exact in fp32) and no mean but of a 4D tensor's two inner dims (so RMSNorm's mean square is a matmul with a constant 1/dim row). The plain
 model lowered to four delegate calls a layer with a non-delegated mean, split and views between them (SmolLM2
@@ -34,7 +34,6 @@ from torch.export import ExportedProgram
 from torchat.errors import TorchatError
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
 from torchat.model import Attention, KVCache, RMSNorm, Transformer, TransformerBlock, apply_rope
-from torchat.quant.asym4 import Int8DynActAsymInt4Linear
 from torchat.quant.base import QuantizedModule
 
 _TORCHAT_OPS = torch.library.Library("torchat", "DEF")
@@ -167,13 +166,14 @@ class CachedAttention(nn.Module):
         return y.reshape(batch, -1, heads * self.head_dim)
 
 
-class Q4Block(nn.Module):
-    """A transformer layer whose linears are all on the asymmetric 4-bit grid, as four torchat::linear_q4 calls
-    with the rest of the layer fused into them (torchat/kernels/et_linear_q4.cpp): the attention norm into the q/k/v
-    projection, the residual into wo and w2, the feed-forward norm and SiLU gate into w1 and w3 (one projection).
-    Between them only the attention (RoPE, the cache writes, torchat::sdpa) is left, so a decode step makes a few
-    calls a layer where the linears apart from their norms, gate and adds made fifteen (SmolLM2, AVX2-emulated: the
-    step's time outside the linears' arithmetic went to calls)."""
+class KernelBlock(nn.Module):
+    """A transformer layer whose linears all run on one of torchat's kernels (8da4w on the asymmetric grid:
+    torchat::linear_q4; 8da8w: torchat::linear_q8; torchat/kernels/et_linear.cpp), as four calls with the rest of
+    the layer fused into them: the attention norm into the q/k/v projection, the residual into wo and w2, the
+    feed-forward norm and SiLU gate into w1 and w3 (one projection). Between them only the attention (RoPE, the
+    cache writes, torchat::sdpa) is left, so a decode step makes a few calls a layer where the linears apart from
+    their norms, gate and adds made fifteen (SmolLM2, AVX2-emulated: the step's time outside the linears'
+    arithmetic went to calls)."""
 
     def __init__(self, block: TransformerBlock):
         """block: a layer whose attention is a CachedAttention already."""
@@ -187,7 +187,8 @@ class Q4Block(nn.Module):
     def applies(block: TransformerBlock) -> bool:
         attention, feed_forward = block.attention, block.feed_forward
         linears = [attention.wqkv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3]
-        return all(isinstance(m, Int8DynActAsymInt4Linear) and m.packed and m.quantize_activations for m in linears)
+        return (all(getattr(m, "runs_on_kernel", False) for m in linears)
+                and len({type(m) for m in linears}) == 1)
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
         attention = self.attention
@@ -215,8 +216,8 @@ class MatmulRMSNorm(RMSNorm):
 @contextmanager
 def llm_attention(model: Transformer):
     """While the forward is exported: every layer's attention on ExecuTorch's LLM ops, every RMSNorm in its
-    matmul form, every linear on the asymmetric 4-bit grid on torchat::linear_q4 (with the rest of its layer fused
-    in where all of the layer's are: Q4Block); then the model as it was."""
+    matmul form, every linear that torchat's kernels take (8da4w on the asymmetric grid, 8da8w) on them, with the rest
+    of its layer fused in where all of the layer's are (KernelBlock); then the model as it was."""
     load_llm_ops()
     originals = [layer.attention for layer in model.layers]
     caches = [attention.kv_cache for attention in originals]
@@ -229,17 +230,17 @@ def llm_attention(model: Transformer):
         for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
             block.attention = CachedAttention(attention, cache, dtype, rope_tables)
-            if Q4Block.applies(block):
-                model.layers[i] = Q4Block(block)
+            if KernelBlock.applies(block):
+                model.layers[i] = KernelBlock(block)
         for name, norm in norms.items():
             model.set_submodule(name, MatmulRMSNorm(norm))
-        kernel_linears = [m for m in model.modules() if isinstance(m, Int8DynActAsymInt4Linear)]
+        kernel_linears = [m for m in model.modules() if getattr(m, "runs_on_kernel", False)]
         for linear in kernel_linears:
-            linear.kernel = True
+            linear.set_kernel(True)
         yield model
     finally:
         for linear in kernel_linears:
-            linear.kernel = False
+            linear.set_kernel(False)
         for name, norm in norms.items():
             model.set_submodule(name, norm)
         for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):

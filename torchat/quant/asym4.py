@@ -2,7 +2,7 @@
 
 XNNPACK's blockwise 4-bit GEMM fixes the zero point at 8, but a GGUF Q4_1 weight (and most 4-bit checkpoints)
 lies on an asymmetric grid, w = s·c + b with codes c in [0, 15]; re-quantizing it onto the symmetric grid cost
-SmolLM2 +68-72 % word perplexity (issue 18). The layer runs torchat::linear_q4 (torchat/kernels/et_linear_q4.cpp):
+SmolLM2 +68-72 % word perplexity (issue 18). The layer runs torchat::linear_q4 (torchat/kernels/et_linear.cpp):
 the codes times the input quantized to int8 per block of 32, with a scale and an offset per block, as llama.cpp's
 Q4_1 x Q8_1 dot does; the offsets' term uses the blocks' float sums of the input. (Before, the layer was XNNPACK's
 symmetric GEMM on c − 8 plus a per-group correction, two more fp32 GEMMs; on AVX2 that kernel is bound by its
@@ -98,7 +98,7 @@ def asymmetric_int4_grid(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
 Q4_BLOCK = 32  # elements per scale in torchat::linear_q4 (a larger group's scale and offset repeat per block)
 Q4_PAIR = 2 * Q4_BLOCK  # elements per 32 bytes of codes
 
-# torchat::linear_q4, the op the packed layer calls: its ExecuTorch kernel is torchat/kernels/et_linear_q4.cpp (whose
+# torchat::linear_q4, the op the packed layer calls: its ExecuTorch kernel is torchat/kernels/et_linear.cpp (whose
 # header comment states it); here its definition for export and its reference in torch, which eager runs.
 _OPS = torch.library.Library("torchat", "FRAGMENT")
 _ARGS = ("Tensor x, Tensor codes, Tensor scales, Tensor offsets, Tensor? norm=None, float eps=0.0, "
@@ -110,6 +110,9 @@ _OPS.define(f"linear_q4.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 # element _ELEMENT[b] + 16 (so that each 4-byte lane of the kernel's sums is one block's)
 _BLOCK = torch.tensor([(b // 4) % 2 for b in range(32)])
 _ELEMENT = torch.tensor([(b // 8) * 4 + b % 4 for b in range(32)])
+# the same order for a byte per element (the kernels' int8 activations, linear_q8's weights): position i of a pair's
+# 64 holds element KERNEL_ORDER[i] of the pair (block-major), the low nibbles' elements first, then the high ones'
+KERNEL_ORDER = torch.cat([_BLOCK * Q4_BLOCK + _ELEMENT, _BLOCK * Q4_BLOCK + _ELEMENT + 16])
 
 
 def to_q4_layout(codes: torch.Tensor) -> torch.Tensor:
@@ -129,28 +132,42 @@ def from_q4_layout(packed: torch.Tensor) -> torch.Tensor:
     return pairs.reshape(rows, -1)
 
 
-def linear_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-              norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-              gated: bool = False) -> torch.Tensor:
-    """torchat::linear_q4 in torch: x (..., in) quantized to int8 per block of 32 (a = max|x| / 127, symmetric)
-    times the 4-bit weight scale·code (per block), plus offset times the block's float sum of x. Fused around it
-    for a transformer layer (torchat.lowering.et.Q4Block): `norm`, x RMS-normalized first (RMSNorm's weight and
-    eps); `gated`, the outputs' first half is a gate: silu(gate) · the second half; `residual`, added last."""
-    out_features, padded = codes.shape[0], codes.shape[1] * 2
+def quantized_input(x: torch.Tensor, padded: int, norm: torch.Tensor | None = None,
+                    eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input as torchat's linear kernels take it (linear_q4 here, linear_q8 in torchat.quant.intx): x (..., in)
+    RMS-normalized first where `norm` (RMSNorm's weight, with eps) is given, zero-padded to `padded` and quantized to
+    int8 per block of 32 (a = max|x| / 127, symmetric); (the quantized values, x) in float32, (..., blocks, 32)."""
     xf = x.float()
     if norm is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.float()
     xf = pad_columns(xf, padded).unflatten(-1, (-1, Q4_BLOCK))
     peak = xf.abs().amax(-1, keepdim=True)
-    quantized = torch.round(xf * torch.where(peak > 0, 127.0 / peak, 0.0)) * (peak / 127.0)
-    weight = (from_q4_layout(codes).float().view(out_features, -1, Q4_BLOCK) * scales.float()[..., None])
-    y = quantized.flatten(-2) @ weight.view(out_features, -1).T + xf.sum(-1) @ offsets.float().T
+    return torch.round(xf * torch.where(peak > 0, 127.0 / peak, 0.0)) * (peak / 127.0), xf
+
+
+def fused_output(y: torch.Tensor, residual: torch.Tensor | None, gated: bool, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernels fuse after the linear: `gated`, the outputs' first half gates the second (silu(gate) · up);
+    `residual`, added last; the result in `dtype`."""
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
     if residual is not None:
         y = y + residual.float()
-    return y.to(x.dtype)
+    return y.to(dtype)
+
+
+def linear_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+              gated: bool = False) -> torch.Tensor:
+    """torchat::linear_q4 in torch: x (..., in) quantized to int8 per block of 32 (`quantized_input`) times the
+    4-bit weight scale·code (per block), plus offset times the block's float sum of x. Fused around it for a
+    transformer layer (torchat.lowering.et.KernelBlock): `norm`, x RMS-normalized first; `gated` and `residual` as
+    `fused_output` applies them."""
+    out_features = codes.shape[0]
+    quantized, xf = quantized_input(x, codes.shape[1] * 2, norm, eps)
+    weight = (from_q4_layout(codes).float().view(out_features, -1, Q4_BLOCK) * scales.float()[..., None])
+    y = quantized.flatten(-2) @ weight.view(out_features, -1).T + xf.sum(-1) @ offsets.float().T
+    return fused_output(y, residual, gated, x.dtype)
 
 
 def _linear_q4_out(x, codes, scales, offsets, norm=None, eps=0.0, residual=None, gated=False, *, out):
@@ -274,12 +291,20 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         return fused
 
     def forward(self, x: torch.Tensor, **fused) -> torch.Tensor:
-        """fused: linear_q4's norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.Q4Block)."""
+        """fused: linear_q4's norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.KernelBlock)."""
         if not self.quantize_activations:
             assert not fused, "the float-activation form (tests) fuses nothing"
             return F.linear(x, self.dequantized_weight().to(x.dtype))
         op = torch.ops.torchat.linear_q4 if self.kernel else linear_q4
         return op(x, *self._q4_parts(), **fused)
+
+    @property
+    def runs_on_kernel(self) -> bool:
+        """Whether a .pte runs this layer on torchat's kernel (`set_kernel`), its neighbours fusable into it."""
+        return self.packed and self.quantize_activations
+
+    def set_kernel(self, on: bool) -> None:
+        self.kernel = on
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

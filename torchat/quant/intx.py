@@ -1,5 +1,9 @@
 """torchao's IntxUnpackedToInt8Tensor behind torchat modules: 8da4w and 8da8w linears, int8/int4 embeddings.
 
+In a .pte, 8da8w linears (and the 8-bit head of the 8da4w presets) run torchat::linear_q8, torchat's own kernel
+(torchat/kernels/et_linear.cpp: int8 weights against the input quantized per block of 32, as linear_q4 takes it),
+with their layer's norms, gate and residual adds fused in; eager and AOTI run torchao's form (per-token activations).
+
 These are the forms ExecuTorch's XNNPACK delegate lowers correctly (notes/library-feasibility.md): the exported
 graph holds torchao's quantize/dequantize ops, which the partitioner and its quant fusion recognise. Codes and
 scales of embeddings come from torchao (`IntxUnpackedToInt8Tensor.from_hp`, symmetric, as
@@ -12,10 +16,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchat.quant.asym4 import KERNEL_ORDER, Q4_PAIR, fused_output, quantized_input
 from torchat.quant.base import (QuantizedModule, concatenated_intx, group_view, pack_nibbles, pad_columns, padded_size,
                                 unpack_nibbles)
 
 BIT_DTYPES = {4: torch.int4, 8: torch.int8}
+
+
+# torchat::linear_q8, what a .pte's 8da8w layer calls: its ExecuTorch kernel is torchat/kernels/et_linear.cpp; here its
+# definition for export and its reference in torch
+_OPS = torch.library.Library("torchat", "FRAGMENT")
+_ARGS = "Tensor x, Tensor weight, Tensor scales, Tensor? norm=None, float eps=0.0, Tensor? residual=None, bool gated=False"
+_OPS.define(f"linear_q8({_ARGS}) -> Tensor")
+_OPS.define(f"linear_q8.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def to_q8_layout(codes: torch.Tensor) -> torch.Tensor:
+    """int8 weights (out, in), in a multiple of 64, in linear_q8's byte order (each pair of blocks of 32 in the
+    order of the kernels' activations, asym4.KERNEL_ORDER)."""
+    return codes.view(codes.shape[0], -1, Q4_PAIR)[:, :, KERNEL_ORDER].reshape(codes.shape).contiguous()
+
+
+def from_q8_layout(weight: torch.Tensor) -> torch.Tensor:
+    """linear_q8's bytes (out, padded_in) back in the elements' order."""
+    codes = torch.empty_like(weight).view(weight.shape[0], -1, Q4_PAIR)
+    codes[:, :, KERNEL_ORDER] = weight.view(weight.shape[0], -1, Q4_PAIR)
+    return codes.view(weight.shape)
+
+
+def linear_q8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None = None,
+              eps: float = 0.0, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """torchat::linear_q8 in torch: x (..., in) quantized to int8 per block of 32 (asym4.quantized_input, the norm
+    fused before it) times the int8 weight (out, padded_in) in linear_q8's order, times each row's float32 scale;
+    the gate and residual after it as asym4.fused_output applies them."""
+    quantized, _ = quantized_input(x, weight.shape[1], norm, eps)
+    y = (quantized.flatten(-2) @ from_q8_layout(weight).float().T) * scales
+    return fused_output(y, residual, gated, x.dtype)
+
+
+def _linear_q8_out(x, weight, scales, norm=None, eps=0.0, residual=None, gated=False, *, out):
+    return out.copy_(linear_q8(x, weight, scales, norm, eps, residual, gated))
+
+
+def _linear_q8_meta(x, weight, scales, norm=None, eps=0.0, residual=None, gated=False):
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if gated else weight.shape[0])
+
+
+_OPS.impl("linear_q8", linear_q8, "CompositeExplicitAutograd")
+_OPS.impl("linear_q8.out", _linear_q8_out, "CompositeExplicitAutograd")
+_OPS.impl("linear_q8", _linear_q8_meta, "Meta")
 
 
 def _intx_from_float(w: torch.Tensor, group_size: int, bits: int):
@@ -205,6 +254,31 @@ class Int8DynActInt8Linear(Int8DynActInt4Linear):
         n, k = config["out_features"], config["in_features"]
         return cls(k, n, 0, torch.empty(n, k, dtype=torch.int8, device=device),
                    torch.empty(n, 1, dtype=dtype, device=device), torch.zeros(n, 1, dtype=torch.int8, device=device))
+
+    # linear_q8's (weight, scales) while a .pte is exported (set_kernel); forward then calls the op
+    kernel_parts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def q8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """linear_q8's weight (the codes padded to a multiple of 64, in its order) and float32 row scales."""
+        tensor = self.weight if self.packed else self
+        codes, scale, zero_point = tensor.qdata, tensor.scale, tensor.zero_point
+        assert not zero_point.any(), "8da8w weights are symmetric"
+        return to_q8_layout(pad_columns(codes, padded_size(self.in_features, Q4_PAIR))), scale.float().reshape(-1)
+
+    @property
+    def runs_on_kernel(self) -> bool:
+        """Whether a .pte runs this layer on torchat's kernel (`set_kernel`), its neighbours fusable into it."""
+        return self.packed
+
+    def set_kernel(self, on: bool) -> None:
+        self.kernel_parts = self.q8_parts() if on else None
+
+    def forward(self, x: torch.Tensor, **fused) -> torch.Tensor:
+        """fused: linear_q8's norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.KernelBlock)."""
+        if self.kernel_parts is not None:
+            return torch.ops.torchat.linear_q8(x, *self.kernel_parts, **fused)
+        assert not fused, "only the kernel's form fuses its neighbours"
+        return super().forward(x)
 
 
 class QuantizedEmbedding(IntxModule):

@@ -1,5 +1,6 @@
-"""torchat::linear_q4's ExecuTorch kernel (torchat/kernels/et_linear_q4.cpp, run by the pybindings) against the
-packed layer written out in float64 (its weights, for a GGUF tensor, are gguf's dequantized ones: test_asym4.py):
+"""torchat::linear_q4's and torchat::linear_q8's ExecuTorch kernels (torchat/kernels/et_linear.cpp, run by the
+pybindings) against the packed layers written out in float64 (8da4w on the asymmetric grid, whose weights for a GGUF
+tensor are gguf's dequantized ones, test_asym4.py; 8da8w's per-channel int8 from torchao):
 decode and prefill, an input dim padded to the kernel's 64, a group of 64 (two blocks a scale), row counts that
 leave the kernel's 4-row tiles a remainder, shapes large enough for the thread pool, the norm, gate and residual
 a .pte's layer fuses into the op, and each of the kernel's
@@ -18,6 +19,7 @@ from torch import nn
 from torch.export import Dim
 
 from torchat.quant.asym4 import Int8DynActAsymInt4Linear, from_q4_layout
+from torchat.quant.intx import Int8DynActInt8Linear, from_q8_layout
 
 HERE = Path(__file__).resolve().parent
 # (out_features, in_features, group_size, tokens, fused), GGUF Q4_1 weights (random ones for the large shapes);
@@ -39,24 +41,46 @@ class Linear(nn.Module):
         return self.layer(x, norm=self.norm, eps=EPS, residual=residual, gated=True)
 
 
-def reference(layer: Int8DynActAsymInt4Linear, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:
+def reference(layer, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:
     """The packed layer written out: x quantized to int8 per block of 32 (in float32, as the kernel rounds it), the
-    rest in float64: the codes times their fp16 scale against the int8 values, the fp16 offsets against the blocks'
-    float sums. (Packing's fp16 scales move a weight that lies on no fp16 grid a little: test_asym4 checks that a
-    GGUF one stays exact.) With a norm: x RMS-normalized first (float32, as RMSNorm), then silu(gate) · up and the
-    residual added, in float64."""
+    rest in float64: for linear_q4 the codes times their fp16 scale against the int8 values, plus the fp16 offsets
+    against the blocks' float sums; for linear_q8 the int8 weights against the int8 values, times the row's scale.
+    (Packing's fp16 scales move a weight that lies on no fp16 grid a little: test_asym4 checks that a GGUF one stays
+    exact.) With a norm: x RMS-normalized first (float32, as RMSNorm), then silu(gate) · up and the residual added,
+    in float64."""
     if norm is not None:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * norm
-    codes = from_q4_layout(layer.q4_codes).double().view(layer.out_features, -1, 32)
-    blocks = nn.functional.pad(x, (0, codes.shape[1] * 32 - x.shape[-1])).unflatten(-1, (-1, 32))
+    if isinstance(layer, Int8DynActAsymInt4Linear):
+        weight = from_q4_layout(layer.q4_codes).double().view(layer.out_features, -1, 32) * layer.q4_scales.double()[
+            ..., None]
+        offsets = layer.q4_offsets.double()
+    else:
+        codes, scales = layer.kernel_parts
+        weight = (from_q8_layout(codes).double() * scales.double()[:, None]).view(layer.out_features, -1, 32)
+        offsets = torch.zeros(weight.shape[:2], dtype=torch.float64)
+    blocks = nn.functional.pad(x, (0, weight.shape[1] * 32 - x.shape[-1])).unflatten(-1, (-1, 32))
     peak = blocks.abs().amax(-1, keepdim=True)
     q = torch.round(blocks * torch.where(peak > 0, 127.0 / peak, 0.0)).double() * (peak.double() / 127)
-    weight = codes * layer.q4_scales.double()[..., None]
-    y = q.flatten(-2) @ weight.flatten(1).T + blocks.double().sum(-1) @ layer.q4_offsets.double().T
+    y = q.flatten(-2) @ weight.flatten(1).T + blocks.double().sum(-1) @ offsets.T
     if norm is None:
         return y
     gate, up = y.chunk(2, dim=-1)
     return gate * torch.sigmoid(gate) * up + residual.double()
+
+
+def kernel_layer(kind: str, w: torch.Tensor, group: int):
+    """The layer of `kind` (q4: 8da4w on the asymmetric grid, q8: 8da8w) for weight w, packed and set to call the
+    op itself (as torchat.lowering.et exports it), not its torch form."""
+    if kind == "q4":
+        layer = Int8DynActAsymInt4Linear.from_float(w, group)
+    else:
+        layer = Int8DynActInt8Linear.from_float(w)
+    layer.pack()
+    layer.set_kernel(True)
+    return layer
+
+
+KINDS = ("q4", "q8")
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +90,17 @@ def cases(tmp_path_factory):
     from executorch.exir import EdgeCompileConfig, to_edge
     from gguf.quants import dequantize, quantize
 
-    directory = tmp_path_factory.mktemp("linear_q4")
-    for i, (n, k, group, tokens, fused) in enumerate(CASES):
+    directory = tmp_path_factory.mktemp("linear")
+    for i, (kind, (n, k, group, tokens, fused)) in enumerate((kind, case) for kind in KINDS for case in CASES):
         generator = torch.Generator().manual_seed(i)
         width = -(-k // 32) * 32  # gguf quantizes whole blocks: the columns past k are dropped
         w = (torch.randn(n, width, generator=generator) * 0.05).numpy()
         if n * k < 500_000:
             w = dequantize(quantize(w, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1).reshape(w.shape)
-        layer = Int8DynActAsymInt4Linear.from_float(torch.from_numpy(w[:, :k].copy()), group)
+        layer = kernel_layer(kind, torch.from_numpy(w[:, :k].copy()), group)
         norm = torch.rand(k, generator=generator) + 0.5 if fused else None
         inputs = [(torch.randn(1, t, k, generator=generator) * 3, torch.randn(1, t, n // 2, generator=generator))
                   for t in tokens]
-        layer.pack()
-        layer.kernel = True  # the op itself in the program (as torchat.lowering.et exports it), not its torch form
         expected = [reference(layer, x, norm, residual) for x, residual in inputs]
         seq = Dim("seq", max=64)
         example = (torch.zeros(1, 3, k), torch.zeros(1, 3, n // 2))
@@ -109,19 +131,20 @@ def test_kernel_matches_the_layer_written_out(cases, march):
     if march != "native" and os.uname().machine != "x86_64":
         pytest.skip("an x86-64 code path")
     env = {**os.environ, "TORCHAT_KERNEL_MARCH": "" if march == "native" else march}
-    result = subprocess.run([sys.executable, "-c", RUN, str(cases), str(len(CASES))], env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", RUN, str(cases), str(len(KINDS) * len(CASES))], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-def test_torch_form_is_the_layer_written_out():
-    """What eager runs (the op's torch form, for the packed layer) agrees with the written-out layer too."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_form_is_the_layer_written_out(kind):
+    """The op's torch form (what eager runs for the asymmetric 8da4w layer; 8da8w's eager is torchao's) agrees with
+    the written-out layer too."""
     for n, k, group, tokens, fused in CASES[:3] + CASES[5:6]:
         generator = torch.Generator().manual_seed(n)
-        layer = Int8DynActAsymInt4Linear.from_float(torch.randn(n, k, generator=generator) * 0.05, group)
+        layer = kernel_layer(kind, torch.randn(n, k, generator=generator) * 0.05, group)
         x, residual = torch.randn(2, tokens[-1], k, generator=generator), torch.randn(2, tokens[-1], n // 2)
         norm = torch.rand(k, generator=generator) + 0.5 if fused else None
-        layer.pack()
         expected = reference(layer, x, norm, residual)
         got = layer(x, norm=norm, eps=EPS, residual=residual, gated=True) if fused else layer(x)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -1,4 +1,8 @@
-// ExecuTorch kernel for torchat::linear_q4.out: a linear on 4-bit weights with a scale and an offset per block of 32
+// ExecuTorch kernels for torchat's quantized linears, the input quantized to int8 per block of 32 on the fly:
+// torchat::linear_q4 (below) and torchat::linear_q8 (8-bit weights, see there), which share the activations'
+// quantization, the fused norm, gate and residual, the tiling and the argument checks.
+//
+// torchat::linear_q4.out: a linear on 4-bit weights with a scale and an offset per block of 32
 // (GGUF's Q4_1 grid), its input quantized to int8 per block of 32 on the fly; what torchat's 8da4w layers on the
 // asymmetric grid lower to (torchat/quant/asym4.py, which also holds the layout and the op's reference in torch).
 // Written by hand: XNNPACK's blockwise 4-bit GEMM has a symmetric grid (an asymmetric one cost a second, fp32 GEMM
@@ -23,6 +27,15 @@
 // blocks is unpacked once for both), and codes are prefetched 2 KB ahead: without it one thread read 8.4 GB/s of
 // weights, with it 16 (AVX2-emulated Ice Lake; two threads 19 -> 25, the machine's bandwidth).
 //
+// torchat::linear_q8.out: the same on int8 weights with one float scale per output row (8da8w's per-channel grid,
+// the 8-bit head of the 8da4w presets; torchat/quant/intx.py), in the activations' byte order (64 a pair of blocks,
+// position() below) so that one quantization serves both ops:
+//
+//   y[t, n] = scale[n] * sum over blocks j of  a[t, j] * sum_e w[n, j, e] * q[t, j, e]
+//
+// signed times signed: |w| times q with w's sign (vpsignb), as llama.cpp's Q8_0 dot does. XNNPACK's qd8-f32-qc8w GEMM
+// ran those linears before (per-token activations), one delegate call each with the norms and gate in between.
+//
 // Built into runner-et, and for the Python loader into the shared library beside et_sdpa.cpp
 // (torchat/kernels/__init__.py).
 
@@ -41,7 +54,7 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-#define TORCHAT_Q4_AVX2 1
+#define TORCHAT_LINEAR_AVX2 1
 #endif
 
 namespace torchat {
@@ -72,7 +85,7 @@ inline int64_t position(int64_t g, int64_t e) {
   return half * 32 + (r / 4) * 8 + g * 4 + r % 4;
 }
 
-#ifdef TORCHAT_Q4_AVX2
+#ifdef TORCHAT_LINEAR_AVX2
 // the sum of v's 8 lanes
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -131,7 +144,7 @@ void quantize_rows(const float* x, int64_t k, int64_t kp, const float* norm, flo
       float* a = act.a.data() + t * blocks + j;
       float* sums = act.sums.data() + t * blocks + j;
       int8_t* out = q + (j / 2) * kPair;
-#ifdef TORCHAT_Q4_AVX2
+#ifdef TORCHAT_LINEAR_AVX2
       // each block's 16 low-nibble partners, then its 16 high ones, interleaved 4 bytes at a time (position())
       const __m256i b0 = quantize_block(pair, a[0], sums[0]), b1 = quantize_block(pair + kBlock, a[1], sums[1]);
       const __m128i l0 = _mm256_castsi256_si128(b0), l1 = _mm256_castsi256_si128(b1);
@@ -163,15 +176,20 @@ inline float half_to_float(uint16_t h) {
   return static_cast<float>(v);
 }
 
+// The weights of one call: linear_q4's codes (n, kp / 2) with fp16 scales and offsets (n, kp / 32), or linear_q8's
+// int8 weights (n, kp) with float32 row scales (n)
 struct Problem {
   const uint8_t* codes;
   const uint16_t* scales;
   const uint16_t* offsets;
+  const float* row_scales;
   int64_t n, kp, tokens;
   const Activations* act;
   float* out;             // (tokens, n)
   const float* residual;  // added to out where given, (tokens, n)
 };
+
+enum class Format { q4, q8 };
 
 inline void store(const Problem& p, int64_t t, int64_t r, float value) {
   const int64_t at = t * p.n + r;
@@ -182,7 +200,7 @@ inline void store(const Problem& p, int64_t t, int64_t r, float value) {
 inline float offsets_term(const uint16_t* offsets, const float* sums, int64_t blocks) {
   int64_t j = 0;
   float total = 0.f;
-#ifdef TORCHAT_Q4_AVX2
+#ifdef TORCHAT_LINEAR_AVX2
   __m256 acc = _mm256_setzero_ps();
   for (; j + 8 <= blocks; j += 8)
     acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + j))),
@@ -193,15 +211,25 @@ inline float offsets_term(const uint16_t* offsets, const float* sums, int64_t bl
   return total;
 }
 
-#ifdef TORCHAT_Q4_AVX2
+#ifdef TORCHAT_LINEAR_AVX2
+// unsigned u times signed s, 32 bytes each, added into the 8 int32 lane sums acc (4 adjacent products a lane); the
+// pairs' int16 sums must not saturate: u <= 15 (4-bit codes) or u <= 128 with |s| <= 127
+inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 // the 8 int32 lane sums of one pair's codes (lo / hi nibbles) times its activations
-inline __m256i pair_dot(__m256i lo, __m256i hi, const int8_t* q) {
+inline __m256i pair_dot_q4(__m256i lo, __m256i hi, const int8_t* q) {
   const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
   const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, qa), hi, qb);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, qa), hi, qb);
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+  return dot_add(dot_add(_mm256_setzero_si256(), lo, qa), hi, qb);
 #else
   // |15 * 127 * 2| * 2 fits int16: the two products add before widening
   const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa), _mm256_maddubs_epi16(hi, qb));
@@ -209,11 +237,20 @@ inline __m256i pair_dot(__m256i lo, __m256i hi, const int8_t* q) {
 #endif
 }
 
-// rows [r, r + R) for tokens [t, t + T): R x T accumulators; each pair's codes are unpacked once for the T tokens
-// (prefill) and each token's activations loaded once for the R rows
-template <int R, int T>
+// the same for one pair of int8 weights (64 bytes in the activations' order): |w| against q signed as w
+inline __m256i pair_dot_q8(__m256i w0, __m256i w1, const int8_t* q) {
+  const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+  const __m256i sum = dot_add(_mm256_setzero_si256(), _mm256_abs_epi8(w0), _mm256_sign_epi8(qa, w0));
+  return dot_add(sum, _mm256_abs_epi8(w1), _mm256_sign_epi8(qb, w1));
+}
+
+// rows [r, r + R) for tokens [t, t + T): R x T accumulators; each pair's weights are loaded (and unpacked) once for
+// the T tokens (prefill) and each token's activations loaded once for the R rows
+template <Format F, int R, int T>
 void rows_avx2(const Problem& p, int64_t r, int64_t t) {
   const int64_t pairs = p.kp / kPair, blocks = p.kp / kBlock;
+  const int64_t row_bytes = F == Format::q4 ? p.kp / 2 : p.kp, pair_bytes = F == Format::q4 ? 32 : 64;
   const int8_t* q = p.act->q.data() + t * p.kp;
   const float* a = p.act->a.data() + t * blocks;
   const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -229,46 +266,69 @@ void rows_avx2(const Problem& p, int64_t r, int64_t t) {
       scale_a[u] = _mm256_castpd_ps(_mm256_set1_pd(a2));
     }
     for (int i = 0; i < R; ++i) {
-      const uint8_t* row = p.codes + (r + i) * (p.kp / 2) + j * 32;
+      const uint8_t* row = p.codes + (r + i) * row_bytes + j * pair_bytes;
       _mm_prefetch(reinterpret_cast<const char*>(row) + kAhead, _MM_HINT_T0);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-      const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      int32_t s2;
-      std::memcpy(&s2, p.scales + (r + i) * blocks + 2 * j, sizeof(s2));
-      const __m256 scale = _mm256_cvtph_ps(_mm_set1_epi32(s2));
-      for (int u = 0; u < T; ++u) {
-        const __m256 dot = _mm256_cvtepi32_ps(pair_dot(lo, hi, q + u * p.kp + j * kPair));
-        acc[i][u] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, scale_a[u]), acc[i][u]);
+      if constexpr (F == Format::q4) {
+        const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        int32_t s2;
+        std::memcpy(&s2, p.scales + (r + i) * blocks + 2 * j, sizeof(s2));
+        const __m256 scale = _mm256_cvtph_ps(_mm_set1_epi32(s2));
+        for (int u = 0; u < T; ++u) {
+          const __m256 dot = _mm256_cvtepi32_ps(pair_dot_q4(lo, hi, q + u * p.kp + j * kPair));
+          acc[i][u] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, scale_a[u]), acc[i][u]);
+        }
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(row) + kAhead + 64, _MM_HINT_T0);
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
+        for (int u = 0; u < T; ++u) {
+          const __m256 dot = _mm256_cvtepi32_ps(pair_dot_q8(v, v1, q + u * p.kp + j * kPair));
+          acc[i][u] = _mm256_fmadd_ps(dot, scale_a[u], acc[i][u]);
+        }
       }
     }
   }
   for (int u = 0; u < T; ++u) {
     const float* sums = p.act->sums.data() + (t + u) * blocks;
-    for (int i = 0; i < R; ++i)
-      store(p, t + u, r + i, hsum(acc[i][u]) + offsets_term(p.offsets + (r + i) * blocks, sums, blocks));
+    for (int i = 0; i < R; ++i) {
+      if constexpr (F == Format::q4)
+        store(p, t + u, r + i, hsum(acc[i][u]) + offsets_term(p.offsets + (r + i) * blocks, sums, blocks));
+      else
+        store(p, t + u, r + i, hsum(acc[i][u]) * p.row_scales[r + i]);
+    }
   }
 }
 
 #else
 // portable: one row for one token
+template <Format F>
 void row_portable(const Problem& p, int64_t r, int64_t t) {
   const int64_t blocks = p.kp / kBlock;
   const int8_t* q = p.act->q.data() + t * p.kp;
-  const uint8_t* row = p.codes + r * (p.kp / 2);
+  const uint8_t* row = p.codes + r * (F == Format::q4 ? p.kp / 2 : p.kp);
   float total = 0.f;
   for (int64_t j = 0; j < blocks; ++j) {
     const int64_t g = j % 2;
-    const uint8_t* pair = row + (j / 2) * 32;
     const int8_t* qp = q + (j / 2) * kPair;
     int32_t dot = 0;
     for (int64_t e = 0; e < kBlock; ++e) {
-      const int64_t b = position(g, e) % 32;
-      const int32_t code = e < 16 ? (pair[b] & 0x0F) : (pair[b] >> 4);
-      dot += code * qp[position(g, e)];
+      const int64_t at = position(g, e);
+      int32_t w;
+      if constexpr (F == Format::q4) {
+        const uint8_t byte = row[(j / 2) * 32 + at % 32];
+        w = e < 16 ? (byte & 0x0F) : (byte >> 4);
+      } else {
+        w = static_cast<int8_t>(row[(j / 2) * kPair + at]);
+      }
+      dot += w * qp[at];
     }
-    total += half_to_float(p.scales[r * blocks + j]) * p.act->a[t * blocks + j] * static_cast<float>(dot);
+    const float a = p.act->a[t * blocks + j];
+    total += (F == Format::q4 ? half_to_float(p.scales[r * blocks + j]) : 1.f) * a * static_cast<float>(dot);
   }
-  store(p, t, r, total + offsets_term(p.offsets + r * blocks, p.act->sums.data() + t * blocks, blocks));
+  if constexpr (F == Format::q4)
+    store(p, t, r, total + offsets_term(p.offsets + r * blocks, p.act->sums.data() + t * blocks, blocks));
+  else
+    store(p, t, r, total * p.row_scales[r]);
 }
 #endif
 
@@ -276,21 +336,22 @@ constexpr int64_t kTile = 4;  // rows a tile
 
 constexpr int64_t kTokens = 2;  // tokens a tile of a prefill
 
+template <Format F>
 void run_rows(const Problem& p, int64_t tile_begin, int64_t tile_end) {
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t r0 = tile * kTile, r1 = std::min(p.n, r0 + kTile);
-#ifdef TORCHAT_Q4_AVX2
+#ifdef TORCHAT_LINEAR_AVX2
     int64_t t = 0;
     if (r1 - r0 == kTile) {
-      for (; t + kTokens <= p.tokens; t += kTokens) rows_avx2<kTile, kTokens>(p, r0, t);
-      for (; t < p.tokens; ++t) rows_avx2<kTile, 1>(p, r0, t);
+      for (; t + kTokens <= p.tokens; t += kTokens) rows_avx2<F, kTile, kTokens>(p, r0, t);
+      for (; t < p.tokens; ++t) rows_avx2<F, kTile, 1>(p, r0, t);
       continue;
     }
     for (; t < p.tokens; ++t)
-      for (int64_t r = r0; r < r1; ++r) rows_avx2<1, 1>(p, r, t);
+      for (int64_t r = r0; r < r1; ++r) rows_avx2<F, 1, 1>(p, r, t);
 #else
     for (int64_t t = 0; t < p.tokens; ++t)
-      for (int64_t r = r0; r < r1; ++r) row_portable(p, r, t);
+      for (int64_t r = r0; r < r1; ++r) row_portable<F>(p, r, t);
 #endif
   }
 }
@@ -313,82 +374,141 @@ void gate(const float* y, int64_t width, float* out, const float* residual) {
 
 const Tensor* optional_tensor(EValue* value) { return value->isNone() ? nullptr : &value->toTensor(); }
 
-// linear_q4.out(Tensor x, Tensor codes, Tensor scales, Tensor offsets, Tensor? norm, float eps, Tensor? residual,
-//               bool gated, *, Tensor(a!) out) -> Tensor(a!)
-void linear_q4_out(KernelRuntimeContext& context, Span<EValue*> stack) {
-  const Tensor& x = stack[0]->toTensor();
-  const Tensor& codes = stack[1]->toTensor();
-  const Tensor& scales = stack[2]->toTensor();
-  const Tensor& offsets = stack[3]->toTensor();
-  const Tensor* norm = optional_tensor(stack[4]);
-  const float eps = static_cast<float>(stack[5]->toDouble());
-  const Tensor* residual = optional_tensor(stack[6]);
-  const bool gated = stack[7]->toBool();
-  Tensor& out = stack[8]->toTensor();
-  const char* why = nullptr;
-  const int64_t n = codes.dim() == 2 ? codes.size(0) : 0, kp = codes.dim() == 2 ? codes.size(1) * 2 : 0;
-  const int64_t k = x.dim() >= 1 ? x.size(x.dim() - 1) : 0, width = gated ? n / 2 : n;
-  if (x.scalar_type() != ScalarType::Float || x.dim() < 1 || !executorch::runtime::tensor_is_contiguous(x))
-    why = "x must be contiguous float32 (..., in_features)";
-  else if (!is_contiguous(codes, ScalarType::Byte, 2) || kp % kPair != 0 || k > kp || (gated && n % 2 != 0))
-    why = "codes must be contiguous uint8 (out_features, padded_in / 2), padded_in a multiple of 64 and >= x's, "
-          "out_features even if gated";
-  else if (!is_contiguous(scales, ScalarType::Half, 2) || !is_contiguous(offsets, ScalarType::Half, 2) ||
-           scales.size(0) != n || offsets.size(0) != n || scales.size(1) != kp / kBlock ||
-           offsets.size(1) != kp / kBlock)
-    why = "scales and offsets must be contiguous float16 (out_features, padded_in / 32)";
-  else if (norm != nullptr && (!is_contiguous(*norm, ScalarType::Float, 1) || norm->size(0) != k))
-    why = "norm must be contiguous float32 (in_features)";
+// What both ops take beside their weights: x first on the stack, then the `weights` tensors, then norm, eps, residual,
+// gated and out
+struct Call {
+  const Tensor& x;
+  const Tensor* norm;
+  float eps;
+  const Tensor* residual;
+  bool gated;
+  Tensor& out;
+  Call(Span<EValue*> stack, size_t weights)
+      : x(stack[0]->toTensor()),
+        norm(optional_tensor(stack[1 + weights])),
+        eps(static_cast<float>(stack[2 + weights]->toDouble())),
+        residual(optional_tensor(stack[3 + weights])),
+        gated(stack[4 + weights]->toBool()),
+        out(stack[5 + weights]->toTensor()) {}
+};
+
+// Checks what `call` holds against the weights' n and kp (`why` set already where the weights are wrong), resizes
+// the output, quantizes the input and runs `p` (its weights set) over the rows; an error fails the call, logged
+// under `name`
+template <Format F>
+void run_linear(KernelRuntimeContext& context, const char* name, const Call& call, Problem p, const char* why) {
+  const Tensor& x = call.x;
+  const int64_t n = p.n, kp = p.kp;
+  const int64_t k = x.dim() >= 1 ? x.size(x.dim() - 1) : 0, width = call.gated ? n / 2 : n;
+  if (why == nullptr) {
+    if (x.scalar_type() != ScalarType::Float || x.dim() < 1 || !executorch::runtime::tensor_is_contiguous(x))
+      why = "x must be contiguous float32 (..., in_features)";
+    else if (kp % kPair != 0 || k > kp || (call.gated && n % 2 != 0))
+      why = "the weights' padded_in must be a multiple of 64 and >= x's in_features, out_features even if gated";
+    else if (call.norm != nullptr && (!is_contiguous(*call.norm, ScalarType::Float, 1) || call.norm->size(0) != k))
+      why = "norm must be contiguous float32 (in_features)";
+  }
   if (why == nullptr) {
     executorch::aten::SizesType sizes[executorch::runtime::kTensorDimensionLimit];
     for (int64_t d = 0; d + 1 < x.dim(); ++d) sizes[d] = x.size(d);
     sizes[x.dim() - 1] = width;
-    if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok ||
-        !is_contiguous(out, ScalarType::Float, x.dim()))
+    if (executorch::runtime::resize_tensor(call.out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok ||
+        !is_contiguous(call.out, ScalarType::Float, x.dim()))
       why = "cannot resize the output to (..., out_features) float32";
-    else if (residual != nullptr && (!is_contiguous(*residual, ScalarType::Float, x.dim()) ||
-                                     residual->numel() != out.numel()))
+    else if (call.residual != nullptr && (!is_contiguous(*call.residual, ScalarType::Float, x.dim()) ||
+                                          call.residual->numel() != call.out.numel()))
       why = "residual must be contiguous float32 shaped as the output";
   }
   if (why != nullptr) {
-    ET_LOG(Error, "torchat::linear_q4.out: %s", why);
+    ET_LOG(Error, "%s: %s", name, why);
     context.fail(Error::InvalidArgument);
     return;
   }
   const int64_t tokens = k == 0 ? 0 : x.numel() / k, blocks = kp / kBlock;
-  static thread_local Activations buffers;  // reused: a decode step calls this 4 times a layer
+  static thread_local Activations buffers;  // reused: a decode step calls the ops 4 times a layer
   Activations& act = buffers;  // what the workers see (a thread_local named in a lambda would be theirs)
   act.q.resize(tokens * kp);
   act.a.resize(tokens * blocks);
   act.sums.resize(tokens * blocks);
-  if (gated) act.y.resize(tokens * n);
+  if (call.gated) act.y.resize(tokens * n);
   const float* xd = x.const_data_ptr<float>();
-  const float* norm_weight = norm == nullptr ? nullptr : norm->const_data_ptr<float>();
-  const bool serial = n * kp / 2 * tokens < kSerialWork;
-  const auto quantize = [&](int64_t b, int64_t e) { quantize_rows(xd, k, kp, norm_weight, eps, b, e, act); };
+  const float* norm_weight = call.norm == nullptr ? nullptr : call.norm->const_data_ptr<float>();
+  const int64_t weight_bytes = F == Format::q4 ? n * kp / 2 : n * kp;
+  const bool serial = weight_bytes * tokens < kSerialWork;
+  const auto quantize = [&](int64_t b, int64_t e) { quantize_rows(xd, k, kp, norm_weight, call.eps, b, e, act); };
   if (serial || tokens == 1)
     quantize(0, tokens);
   else
     executorch::extension::parallel_for(0, tokens, 1, quantize);
-  const float* added = residual == nullptr ? nullptr : residual->const_data_ptr<float>();
-  float* result = out.mutable_data_ptr<float>();
-  const Problem p{codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr()),
-                  reinterpret_cast<const uint16_t*>(offsets.const_data_ptr()), n, kp, tokens, &act,
-                  gated ? act.y.data() : result, gated ? nullptr : added};
+  const float* added = call.residual == nullptr ? nullptr : call.residual->const_data_ptr<float>();
+  float* result = call.out.mutable_data_ptr<float>();
+  p.tokens = tokens;
+  p.act = &act;
+  p.out = call.gated ? act.y.data() : result;
+  p.residual = call.gated ? nullptr : added;
   const int64_t tiles = (n + kTile - 1) / kTile;
   if (serial)
-    run_rows(p, 0, tiles);
+    run_rows<F>(p, 0, tiles);
   else
-    executorch::extension::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { run_rows(p, b, e); });
-  if (gated)  // silu(gate) * up, the first half of the outputs the gate
+    executorch::extension::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { run_rows<F>(p, b, e); });
+  if (call.gated)  // silu(gate) * up, the first half of the outputs the gate
     for (int64_t t = 0; t < tokens; ++t)
       gate(act.y.data() + t * n, width, result + t * width, added == nullptr ? nullptr : added + t * width);
 }
 
+// linear_q4.out(Tensor x, Tensor codes, Tensor scales, Tensor offsets, Tensor? norm, float eps, Tensor? residual,
+//               bool gated, *, Tensor(a!) out) -> Tensor(a!)
+void linear_q4_out(KernelRuntimeContext& context, Span<EValue*> stack) {
+  const Call call(stack, 3);
+  const Tensor& codes = stack[1]->toTensor();
+  const Tensor& scales = stack[2]->toTensor();
+  const Tensor& offsets = stack[3]->toTensor();
+  const char* why = nullptr;
+  const int64_t n = codes.dim() == 2 ? codes.size(0) : 0, kp = codes.dim() == 2 ? codes.size(1) * 2 : 0;
+  if (!is_contiguous(codes, ScalarType::Byte, 2))
+    why = "codes must be contiguous uint8 (out_features, padded_in / 2)";
+  else if (!is_contiguous(scales, ScalarType::Half, 2) || !is_contiguous(offsets, ScalarType::Half, 2) ||
+           scales.size(0) != n || offsets.size(0) != n || scales.size(1) != kp / kBlock ||
+           offsets.size(1) != kp / kBlock)
+    why = "scales and offsets must be contiguous float16 (out_features, padded_in / 32)";
+  Problem p{};
+  p.n = n;
+  p.kp = kp;
+  if (why == nullptr) {
+    p.codes = codes.const_data_ptr<uint8_t>();
+    p.scales = reinterpret_cast<const uint16_t*>(scales.const_data_ptr());
+    p.offsets = reinterpret_cast<const uint16_t*>(offsets.const_data_ptr());
+  }
+  run_linear<Format::q4>(context, "torchat::linear_q4.out", call, p, why);
+}
+
+// linear_q8.out(Tensor x, Tensor weight, Tensor scales, Tensor? norm, float eps, Tensor? residual, bool gated, *,
+//               Tensor(a!) out) -> Tensor(a!)
+void linear_q8_out(KernelRuntimeContext& context, Span<EValue*> stack) {
+  const Call call(stack, 2);
+  const Tensor& weight = stack[1]->toTensor();
+  const Tensor& scales = stack[2]->toTensor();
+  const char* why = nullptr;
+  const int64_t n = weight.dim() == 2 ? weight.size(0) : 0, kp = weight.dim() == 2 ? weight.size(1) : 0;
+  if (!is_contiguous(weight, ScalarType::Char, 2))
+    why = "weight must be contiguous int8 (out_features, padded_in)";
+  else if (!is_contiguous(scales, ScalarType::Float, 1) || scales.size(0) != n)
+    why = "scales must be contiguous float32 (out_features)";
+  Problem p{};
+  p.n = n;
+  p.kp = kp;
+  if (why == nullptr) {
+    p.codes = reinterpret_cast<const uint8_t*>(weight.const_data_ptr());
+    p.row_scales = scales.const_data_ptr<float>();
+  }
+  run_linear<Format::q8>(context, "torchat::linear_q8.out", call, p, why);
+}
+
 const executorch::runtime::Kernel kKernels[] = {
     executorch::runtime::Kernel("torchat::linear_q4.out", linear_q4_out),
+    executorch::runtime::Kernel("torchat::linear_q8.out", linear_q8_out),
 };
-const Error kRegistered = executorch::runtime::register_kernels({kKernels, 1});
+const Error kRegistered = executorch::runtime::register_kernels({kKernels, 2});
 
 }  // namespace
 }  // namespace torchat
