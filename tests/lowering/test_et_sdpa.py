@@ -77,3 +77,70 @@ def test_kernel_refuses_a_query_past_the_cache(program):
     cache = torch.zeros(1, MAX_SEQ, 2, dim, dtype=cache_dtype)
     with pytest.raises(RuntimeError):
         program.forward((query, cache, cache, torch.tensor([MAX_SEQ - 2])))
+
+
+class Layer(nn.Module):
+    """torchat::attention as a .pte layer calls it: caches of its own, written in place."""
+
+    def __init__(self, dtype, dim, kv_heads=2):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(1, MAX_SEQ, kv_heads, dim, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(1, MAX_SEQ, kv_heads, dim, dtype=dtype))
+
+    def forward(self, qkv, cos, sin, input_pos):
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + qkv.shape[1] <= self.k_cache.shape[1])
+        return torch.ops.torchat.attention(qkv, cos, sin, self.k_cache, self.v_cache, start)
+
+
+def turned(x, cos, sin):
+    """RoPE (rotate-half) in float64, written out: x (seq, heads, dim), cos and sin (seq, dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["f32-cache", "f16-cache"])
+def test_attention_kernel_turns_writes_and_attends(tmp_path, cache_dtype):
+    """torchat::attention (RoPE on q's and k's heads, k and v into the caches, sdpa) over a prompt and then decode
+    steps, against RoPE and softmax attention in float64 over a cache of its own (its k and v rounded to the cache's
+    dtype, as stored); the torch form agrees too."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    from torchat.model import ModelArgs, rope_frequencies
+
+    load_llm_ops()
+    heads, kv_heads, dim = 8, 2, 64
+    width = (heads + 2 * kv_heads) * dim
+    seq = Dim("seq", min=1, max=MAX_SEQ)
+    example = (torch.zeros(1, 2, width), torch.zeros(2, dim), torch.zeros(2, dim), torch.tensor([0]))
+    exported = torch.export.export(Layer(cache_dtype, dim), example, dynamic_shapes=({1: seq}, {0: seq}, {0: seq}, None),
+                                   strict=False)
+    edge = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    (tmp_path / "attention.pte").write_bytes(edge.to_executorch().buffer)
+    program = _load_for_executorch(str(tmp_path / "attention.pte"))
+    eager = Layer(cache_dtype, dim)
+
+    cos, sin = rope_frequencies(ModelArgs(dim=heads * dim, n_heads=heads, n_kv_heads=kv_heads), 64)
+    keys = torch.zeros(1, MAX_SEQ, kv_heads, dim, dtype=cache_dtype)
+    values = torch.zeros_like(keys)
+    generator = torch.Generator().manual_seed(0)
+    start = 0
+    for length in (7, 1, 1, 3):
+        qkv = torch.randn(1, length, width, generator=generator)
+        c, s = cos[start:start + length], sin[start:start + length]
+        x = qkv.view(length, heads + 2 * kv_heads, dim).double()
+        q, k, v = x[:, :heads], x[:, heads:heads + kv_heads], x[:, heads + kv_heads:]
+        keys[0, start:start + length] = turned(k, c.double(), s.double()).to(cache_dtype)
+        values[0, start:start + length] = v.to(cache_dtype)
+        expected = reference(turned(q, c.double(), s.double())[None], keys, values, start).view(1, length, -1)
+        got = program.forward((qkv, c, s, torch.tensor([start])))[0]
+        assert got.shape == (1, length, heads * dim)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(eager(qkv, c, s, torch.tensor([start])).double(), expected, atol=2e-5, rtol=1e-4)
+        start += length
+    # what the torch form wrote, as stored
+    torch.testing.assert_close(eager.k_cache[:, :start], keys[:, :start], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(eager.v_cache[:, :start], values[:, :start], atol=0, rtol=0)

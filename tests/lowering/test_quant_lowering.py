@@ -72,8 +72,8 @@ def test_weight_only_linear_to_executorch_is_refused(tiny_checkpoint, tmp_path, 
 def test_kernel_schemes_run_their_linears_on_torchats_kernels(tiny_artifacts, quant, op, head):
     """Every linear on the asymmetric 4-bit grid runs on torchat::linear_q4, every 8da8w one (the presets' 8-bit head
     too) on torchat::linear_q8, with the layer's norms, gate and residual adds fused in
-    (torchat.lowering.et.KernelBlock): four calls a layer (q, k and v as one, w1 and w3 as one) and the head; XNNPACK
-    keeps what is left (RoPE, the final norm)."""
+    (torchat.lowering.et.KernelBlock): four calls a layer (q, k and v as one, w1 and w3 as one) and the head, and
+    between them one torchat::attention (RoPE, the cache writes, sdpa); XNNPACK keeps what is left (the final norm)."""
     from collections import Counter
 
     from executorch.exir._serialize._program import deserialize_pte_binary
@@ -86,8 +86,10 @@ def test_kernel_schemes_run_their_linears_on_torchats_kernels(tiny_artifacts, qu
     instructions = [instruction.instr_args for chain in plan.chains for instruction in chain.instructions]
     calls = Counter(plan.operators[args.op_index].name for args in instructions
                     if type(args).__name__ == "KernelCall")
-    expected = Counter({op: 4 * TINY_CHECKPOINT_ARGS["n_layers"]}) + Counter({head: 1})
+    layers = TINY_CHECKPOINT_ARGS["n_layers"]
+    expected = Counter({op: 4 * layers, "torchat::attention": layers}) + Counter({head: 1})
     assert {name: calls[name] for name in expected} == dict(expected)
+    assert "llama::update_cache" not in calls and "torchat::sdpa" not in calls
     assert any(type(args).__name__ == "DelegateCall" for args in instructions)
 
 

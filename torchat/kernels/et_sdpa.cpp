@@ -1,5 +1,6 @@
-// ExecuTorch kernel for torchat::sdpa.out: causal attention of a block of queries over the filled part of a static
-// KV cache, the attention every torchat .pte calls (torchat/lowering/et.py). Written by hand: ExecuTorch's own
+// ExecuTorch kernels for torchat::sdpa.out: causal attention of a block of queries over the filled part of a static
+// KV cache, and torchat::attention.out: RoPE, the cache writes and that attention in one call, what every torchat
+// .pte's layer calls after its q/k/v projection (torchat/lowering/et.py; sdpa alone is what earlier ones call). Written by hand: ExecuTorch's own
 // llama::custom_sdpa (a tiled flash attention) took 32 us a layer for one SmolLM2 decode step at 150 positions
 // (20 % of the step) where the arithmetic is ~4 us; a decode step's few queries need a different loop.
 //
@@ -180,18 +181,19 @@ void attend(const Problem<KV>& p, int64_t i, int64_t lo, int64_t hi, float* max_
   weighted_values(p, scores.data(), lo, n, acc);
 }
 
+// queries q (seq, heads, dim) at start.. over the caches' (max_seq, kv_heads, dim) slots 0..start + seq - 1 -> o
+// (seq, heads, dim)
 template <typename KV>
-void run_sdpa(const Tensor& q, const Tensor& k, const Tensor& v, int64_t start, Tensor& out) {
-  Problem<KV> p{q.const_data_ptr<float>(), reinterpret_cast<const KV*>(k.const_data_ptr()),
-                reinterpret_cast<const KV*>(v.const_data_ptr()), q.size(1), q.size(2), k.size(2), q.size(3), start,
-                1, 0, static_cast<float>(1.0 / std::sqrt(static_cast<double>(q.size(3))))};
+void run_sdpa(const float* q, const KV* k, const KV* v, int64_t seq, int64_t heads, int64_t kv_heads, int64_t dim,
+              int64_t start, float* o) {
+  Problem<KV> p{q, k, v, seq, heads, kv_heads, dim, start, 1, 0,
+                static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim)))};
   const int64_t slots = start + p.seq;
   const int64_t threads = executorch::extension::get_thread_count();
   const int64_t work = p.seq * p.heads * slots * p.dim;
   if (work >= kSerialWork && p.seq < threads)  // fewer queries than threads (decode): the cache in chunks
     p.chunks = std::max<int64_t>(1, std::min(threads, slots / kMinChunk));
   p.chunk = (slots + p.chunks - 1) / p.chunks;
-  float* o = out.mutable_data_ptr<float>();
   const int64_t items = p.seq * p.chunks;
   // per item and head: max, sum, then dim accumulated values
   const int64_t stride = p.heads * (2 + p.dim);
@@ -238,6 +240,18 @@ void run_sdpa(const Tensor& q, const Tensor& k, const Tensor& v, int64_t start, 
   }
 }
 
+// run_sdpa on the caches' element type
+void run_sdpa_on(const float* q, const Tensor& k, const Tensor& v, int64_t seq, int64_t heads, int64_t start,
+                 float* out) {
+  if (k.scalar_type() == ScalarType::Half)
+    run_sdpa<_Float16>(q, reinterpret_cast<const _Float16*>(k.const_data_ptr()),
+                       reinterpret_cast<const _Float16*>(v.const_data_ptr()), seq, heads, k.size(2), k.size(3), start,
+                       out);
+  else
+    run_sdpa<float>(q, k.const_data_ptr<float>(), v.const_data_ptr<float>(), seq, heads, k.size(2), k.size(3), start,
+                    out);
+}
+
 // sdpa.out(Tensor query, Tensor key, Tensor value, SymInt start_pos, *, Tensor(a!) out) -> Tensor(a!)
 void sdpa_out(KernelRuntimeContext& context, Span<EValue*> stack) {
   const Tensor& q = stack[0]->toTensor();
@@ -263,16 +277,102 @@ void sdpa_out(KernelRuntimeContext& context, Span<EValue*> stack) {
     context.fail(Error::InvalidArgument);
     return;
   }
+  run_sdpa_on(q.const_data_ptr<float>(), k, v, q.size(1), q.size(2), start, out.mutable_data_ptr<float>());
+}
+
+// RoPE (rotate-half) of one head's x into y: y[i] = x[i] cos[i] - x[i + half] sin[i],
+// y[i + half] = x[i + half] cos[i + half] + x[i] sin[i + half]
+template <typename T>
+void rope(const float* x, const float* cos, const float* sin, int64_t dim, T* y) {
+  const int64_t half = dim / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    y[i] = static_cast<T>(x[i] * cos[i] - x[i + half] * sin[i]);
+    y[i + half] = static_cast<T>(x[i + half] * cos[i + half] + x[i] * sin[i + half]);
+  }
+}
+
+// the fused projection's rows for seq tokens (seq, heads + 2 kv_heads, dim): q's heads turned into q, k's turned and
+// v's copied into the caches' slots start..start + seq - 1
+template <typename KV>
+void place(const float* qkv, const float* cos, const float* sin, int64_t seq, int64_t heads, int64_t kv_heads,
+           int64_t dim, int64_t start, float* q, KV* k, KV* v) {
+  const int64_t width = (heads + 2 * kv_heads) * dim;
+  for (int64_t t = 0; t < seq; ++t) {
+    const float* row = qkv + t * width;
+    const float *c = cos + t * dim, *s = sin + t * dim;
+    for (int64_t h = 0; h < heads; ++h) rope(row + h * dim, c, s, dim, q + (t * heads + h) * dim);
+    KV* k_slot = k + (start + t) * kv_heads * dim;
+    KV* v_slot = v + (start + t) * kv_heads * dim;
+    for (int64_t h = 0; h < kv_heads; ++h) rope(row + (heads + h) * dim, c, s, dim, k_slot + h * dim);
+    const float* values = row + (heads + kv_heads) * dim;
+#pragma omp simd
+    for (int64_t e = 0; e < kv_heads * dim; ++e) v_slot[e] = static_cast<KV>(values[e]);
+  }
+}
+
+// attention.out(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos, *,
+//               Tensor(c!) out) -> Tensor(c!)
+// A layer's attention after its fused q/k/v projection, in one call: RoPE on q's and k's heads (cos and sin the
+// tables at the tokens' positions, (seq, head_dim)), k and v written into the caches at start_pos.., then sdpa as
+// above; out (1, seq, heads * head_dim). In the graph it replaced a delegated RoPE, three slices, two casts, two
+// llama::update_cache calls and torchat::sdpa (per layer, eleven calls).
+void attention_out(KernelRuntimeContext& context, Span<EValue*> stack) {
+  const Tensor& qkv = stack[0]->toTensor();
+  const Tensor& cos = stack[1]->toTensor();
+  const Tensor& sin = stack[2]->toTensor();
+  Tensor& k = stack[3]->toTensor();
+  Tensor& v = stack[4]->toTensor();
+  const int64_t start = stack[5]->toInt();
+  Tensor& out = stack[6]->toTensor();
+  const ScalarType cache = k.scalar_type();
+  const char* why = nullptr;
+  const bool qkv_ok = qkv.dim() == 3 && qkv.size(0) == 1 && qkv.scalar_type() == ScalarType::Float &&
+                      executorch::runtime::tensor_is_contiguous(qkv);
+  const int64_t seq = qkv_ok ? qkv.size(1) : 0, kv_heads = k.dim() == 4 ? k.size(2) : 0;
+  const int64_t dim = k.dim() == 4 ? k.size(3) : 0;
+  const int64_t heads = qkv_ok && dim > 0 ? qkv.size(2) / dim - 2 * kv_heads : 0;
+  if ((cache != ScalarType::Float && cache != ScalarType::Half) || !is_bshd(k, cache) || !is_bshd(v, cache) ||
+      v.size(1) != k.size(1) || v.size(2) != kv_heads || v.size(3) != dim || kv_heads == 0 || dim % 2 != 0)
+    why = "key and value caches must be contiguous float32 or float16 (1, max_seq, kv_heads, head_dim), alike";
+  else if (!qkv_ok || qkv.size(2) % dim != 0 || heads <= 0 || heads % kv_heads != 0)
+    why = "qkv must be contiguous float32 (1, seq, (heads + 2 kv_heads) * head_dim), heads a multiple of kv_heads";
+  else if (cos.scalar_type() != ScalarType::Float || sin.scalar_type() != ScalarType::Float || cos.dim() != 2 ||
+           sin.dim() != 2 || cos.size(0) != seq || sin.size(0) != seq || cos.size(1) != dim ||
+           sin.size(1) != dim || !executorch::runtime::tensor_is_contiguous(cos) ||
+           !executorch::runtime::tensor_is_contiguous(sin))
+    why = "cos and sin must be contiguous float32 (seq, head_dim)";
+  else if (start < 0 || start + seq > k.size(1))
+    why = "start_pos + seq runs past the cache";
+  else {
+    const executorch::aten::SizesType sizes[] = {1, static_cast<executorch::aten::SizesType>(seq),
+                                                 static_cast<executorch::aten::SizesType>(heads * dim)};
+    if (executorch::runtime::resize_tensor(out, {sizes, 3}) != Error::Ok || out.scalar_type() != ScalarType::Float)
+      why = "cannot resize the output to (1, seq, heads * head_dim) float32";
+  }
+  if (why != nullptr) {
+    ET_LOG(Error, "torchat::attention.out: %s", why);
+    context.fail(Error::InvalidArgument);
+    return;
+  }
+  static thread_local std::vector<float> queries;  // the turned queries, (seq, heads, dim)
+  queries.resize(static_cast<size_t>(seq * heads * dim));
+  const float* x = qkv.const_data_ptr<float>();
   if (cache == ScalarType::Half)
-    run_sdpa<_Float16>(q, k, v, start, out);
+    place(x, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), seq, heads, kv_heads, dim, start,
+          queries.data(), reinterpret_cast<_Float16*>(k.mutable_data_ptr()),
+          reinterpret_cast<_Float16*>(v.mutable_data_ptr()));
   else
-    run_sdpa<float>(q, k, v, start, out);
+    place(x, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), seq, heads, kv_heads, dim, start,
+          queries.data(), k.mutable_data_ptr<float>(), v.mutable_data_ptr<float>());
+  run_sdpa_on(queries.data(), k, v, seq, heads, start, out.mutable_data_ptr<float>());
 }
 
 const executorch::runtime::Kernel kKernels[] = {
     executorch::runtime::Kernel("torchat::sdpa.out", sdpa_out),
+    executorch::runtime::Kernel("torchat::attention.out", attention_out),
 };
-const Error kRegistered = executorch::runtime::register_kernels({kKernels, 1});
+const Error kRegistered = executorch::runtime::register_kernels({kKernels, 2});
 
 }  // namespace
 }  // namespace torchat

@@ -8,20 +8,21 @@ linear quant lowers *silently wrong* there (the weight scales are dropped), whic
 refuses before anything is lowered. The embedding quant needs `do_quant_fusion_and_const_prop` to become
 `quantized_decomposed::embedding_byte/4bit`, run by executorch's quantized kernels.
 
-Attention writes the cache in place with ExecuTorch's LLM-extension op `llama::update_cache` and attends over the
-filled slots only with torchat's `torchat::sdpa` (defined here for the export; its ExecuTorch kernel is
-torchat/kernels/et_sdpa.cpp: ExecuTorch's `llama::custom_sdpa` makes two MKL sgemm calls per query head and took
-~15 % of a SmolLM2 decode step; with this kernel the 8da8w .pte decodes at 148-169 tok/s against 127-144, Zen 4).
-Without them the exported index_put copies each cache and the SDPA decomposition runs over the whole static cache
-under a mask (SmolLM2 8da4w: 6.7 tok/s at a 2048 cache). The Python loader gets update_cache's kernel from
-executorch's AOT library and sdpa's from torchat.kernels; runner-et compiles its own (runner/et_llm_ops.cpp).
+A layer's attention after its q/k/v projection is one call, `torchat::attention` (defined here for the export; its
+ExecuTorch kernel is torchat/kernels/et_sdpa.cpp): RoPE, the in-place cache writes and a causal attention over the
+filled slots only. ExecuTorch's own `llama::custom_sdpa` makes two MKL sgemm calls per query head and took ~15 % of
+a SmolLM2 decode step (torchat's sdpa: 8da8w .pte 148-169 tok/s against 127-144, Zen 4); RoPE in XNNPACK, slices,
+casts and `llama::update_cache` around the attention made eleven calls a layer. Without such ops the exported
+index_put copies each cache and the SDPA decomposition runs over the whole static cache under a mask (SmolLM2 8da4w:
+6.7 tok/s at a 2048 cache). Programs exported before call `llama::update_cache` and `torchat::sdpa`, which the
+Python loader (executorch's AOT library, torchat.kernels) and runner-et (runner/et_llm_ops.cpp) still provide.
 
-Everything else in a layer is written so that XNNPACK takes it whole, one delegate call per layer between two
-attention ops (a KernelBlock leaves it RoPE only): XNNPACK takes no reshape with a symbolic size (so the views name the
-sequence -1), no slice of a dynamic tensor (so RoPE's rotate-half is a matmul with a constant signed permutation,
-exact in fp32) and no mean but of a 4D tensor's two inner dims (so RMSNorm's mean square is a matmul with a constant 1/dim row). The plain
-model lowered to four delegate calls a layer with a non-delegated mean, split and views between them (SmolLM2
-8da4w .pte, AVX2: 2.0 ms of its 10 ms decode step went to the 122 calls' overhead).
+Everything else in a layer is written so that XNNPACK takes it whole where no torchat kernel runs the linears (fp32,
+symmetric 8da4w): one delegate call per layer between two attention ops; XNNPACK takes no reshape with a symbolic
+size (so the views name the sequence -1) and no mean but of a 4D tensor's two inner dims (so RMSNorm's mean square
+is a matmul with a constant 1/dim row). The plain model lowered to four delegate calls a layer with a non-delegated
+mean, split and views between them (SmolLM2 8da4w .pte, AVX2: 2.0 ms of its 10 ms decode step went to the 122
+calls' overhead).
 """
 
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from torchat.errors import TorchatError
-from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata, load_llm_ops
+from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata
 from torchat.model import Attention, KVCache, RMSNorm, Transformer, TransformerBlock, apply_rope
 from torchat.quant.base import QuantizedModule
 
@@ -62,6 +63,42 @@ _TORCHAT_OPS.impl("sdpa", sdpa, "CompositeExplicitAutograd")
 _TORCHAT_OPS.impl("sdpa.out", _sdpa_out, "CompositeExplicitAutograd")
 _TORCHAT_OPS.impl("sdpa", lambda query, key, value, start_pos: torch.empty_like(query), "Meta")
 
+_ATTENTION_ARGS = "Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt start_pos"
+_TORCHAT_OPS.define(f"attention({_ATTENTION_ARGS}) -> Tensor")
+_TORCHAT_OPS.define(f"attention.out({_ATTENTION_ARGS}, *, Tensor(c!) out) -> Tensor(c!)")
+
+
+def attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              start_pos: int) -> torch.Tensor:
+    """torchat::attention in torch: a layer's fused q/k/v projection (batch, seq, (heads + 2 kv_heads) · head_dim)
+    at positions start_pos.. -> its attention output (batch, seq, heads · head_dim). RoPE turns q's and k's heads
+    (cos, sin: (seq, head_dim), the tables at those positions), k and v go into the caches' slots (written in place;
+    (batch, max_seq, kv_heads, head_dim), in the caches' dtype) and the queries attend over the filled slots (sdpa).
+    Its ExecuTorch kernel is torchat/kernels/et_sdpa.cpp."""
+    batch, seq, width = qkv.shape
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    heads = width // head_dim - 2 * kv_heads
+    x = qkv.view(batch, seq, -1, head_dim)
+    turned = apply_rope(x[:, :, :heads + kv_heads].float(), cos, sin)
+    k_cache[:, start_pos:start_pos + seq] = turned[:, :, heads:].to(k_cache.dtype)
+    v_cache[:, start_pos:start_pos + seq] = x[:, :, heads + kv_heads:].to(v_cache.dtype)
+    y = sdpa(turned[:, :, :heads].to(qkv.dtype), k_cache, v_cache, start_pos)
+    return y.reshape(batch, seq, heads * head_dim)
+
+
+def _attention_out(qkv, cos, sin, k_cache, v_cache, start_pos, *, out):
+    return out.copy_(attention(qkv, cos, sin, k_cache, v_cache, start_pos))
+
+
+def _attention_meta(qkv, cos, sin, k_cache, v_cache, start_pos):
+    heads = qkv.shape[-1] // k_cache.shape[3] - 2 * k_cache.shape[2]
+    return qkv.new_empty(*qkv.shape[:-1], heads * k_cache.shape[3])
+
+
+_TORCHAT_OPS.impl("attention", attention, "CompositeExplicitAutograd")
+_TORCHAT_OPS.impl("attention.out", _attention_out, "CompositeExplicitAutograd")
+_TORCHAT_OPS.impl("attention", _attention_meta, "Meta")
+
 
 def kv_cache_dtype(dtype: torch.dtype, quantized: bool) -> torch.dtype:
     """The dtype of a .pte's KV cache: fp16 for a quantized model, whose quantization error dwarfs fp16's rounding of
@@ -88,39 +125,18 @@ def fused_linear(linears: list[nn.Module]) -> nn.Module | None:
     return first.concatenated(linears) if isinstance(first, QuantizedModule) else None
 
 
-class FusedRopeTables:
-    """cos and sin for the fused q/k/v heads, (1, seq, heads, head_dim), made once per forward and shared by every
-    layer: each layer made its own before (4 XNNPACK operators and 4 unsqueezes a layer, from the same inputs)."""
-
-    def __init__(self, n_heads: int, n_kv_heads: int, device):
-        # per head of the fused projection: 1 where RoPE turns it (q, k), 0 where it leaves it (v)
-        turned = torch.zeros(1, 1, n_heads + 2 * n_kv_heads, 1, device=device)
-        turned[:, :, :n_heads + n_kv_heads] = 1.0
-        self.turned, self.kept = turned, 1.0 - turned
-        self.source, self.tables = None, None
-
-    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # the model's forward hands every layer the same cos and sin objects (traced or not)
-        if self.source is None or self.source[0] is not cos or self.source[1] is not sin:
-            turned, kept = self.turned.to(cos.dtype), self.kept.to(cos.dtype)
-            # cos 1 and sin 0 on v's heads: both exact
-            self.tables = (cos[None, :, None, :] * turned + kept, sin[None, :, None, :] * turned)
-            self.source = (cos, sin)
-        return self.tables
-
-
 class CachedAttention(nn.Module):
-    """`attention`'s projections around an in-place cache write and a causal SDPA over the filled slots.
+    """`attention`'s projections around torchat::attention: RoPE, the in-place cache writes and a causal SDPA over
+    the filled slots in one call (torchat/kernels/et_sdpa.cpp; before, a delegated RoPE, three slices, two casts and
+    llama::update_cache twice made eleven calls a layer).
 
-    q, k and v come from one GEMM (wq, wk and wv concatenated: a third of the operators, each of which costs
-    XNNPACK a dispatch to its threads; with the asymmetric 8da4w grid one dynamic quantization, one group sum and
-    one correction instead of three), RoPE runs over all its heads with the identity on v's (cos 1, sin 0), and
-    the split into q, k and v happens after the delegate, where the cache ops read them (XNNPACK slices no tensor
-    of dynamic shape). The caches are (batch, max_seq_len, kv_heads, head_dim), the layout the ops take; positions
-    must be consecutive (a prompt, then one token at a time), which is how every caller drives the model.
+    q, k and v come from one GEMM (wq, wk and wv concatenated: a third of the operators, and one quantization of the
+    input instead of three), which the attention op takes whole. The caches are (batch, max_seq_len, kv_heads,
+    head_dim); positions must be consecutive (a prompt, then one token at a time), which is how every caller drives
+    the model.
     """
 
-    def __init__(self, attention: Attention, cache: KVCache, dtype: torch.dtype, rope_tables: FusedRopeTables):
+    def __init__(self, attention: Attention, cache: KVCache, dtype: torch.dtype):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         projections = [attention.wq, attention.wk, attention.wv]
@@ -135,16 +151,6 @@ class CachedAttention(nn.Module):
                              persistent=False)
         self.register_buffer("v_cache", torch.zeros_like(like, dtype=dtype, memory_format=torch.contiguous_format),
                              persistent=False)
-        # rotate-half as x @ rotation.T: out[i] = -x[i + half], out[i + half] = x[i]
-        half = self.head_dim // 2
-        rotation = torch.zeros(self.head_dim, self.head_dim, dtype=like.dtype, device=like.device)
-        rotation[torch.arange(half), torch.arange(half) + half] = -1.0
-        rotation[torch.arange(half) + half, torch.arange(half)] = 1.0
-        self.register_buffer("rotation", rotation, persistent=False)
-        self.rope_tables = rope_tables
-
-    def rope(self, x, cos, sin):
-        return apply_rope(x, cos, sin, rotated=nn.functional.linear(x, self.rotation.to(x.dtype)))
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
         return self.wo(self.attend(self.wqkv(x), cos, sin, input_pos))
@@ -152,18 +158,10 @@ class CachedAttention(nn.Module):
     def attend(self, qkv, cos, sin, input_pos):
         """The fused projection's output (batch, seq, (heads + 2 kv_heads) · head_dim) -> the heads' attention
         output (batch, seq, heads · head_dim), the caches written."""
-        batch = qkv.shape[0]
-        heads, kv_heads = self.n_heads, self.n_kv_heads
-        qkv = qkv.view(batch, -1, heads + 2 * kv_heads, self.head_dim)
-        qkv = self.rope(qkv, *self.rope_tables(cos, sin))
-        q, k, v = qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads], qkv[:, :, heads + kv_heads:]
         start, seq = input_pos[0].item(), qkv.shape[1]
         torch._check(start >= 0)
         torch._check(start + seq <= self.k_cache.shape[1])
-        torch.ops.llama.update_cache(k.to(self.k_cache.dtype), self.k_cache, start)
-        torch.ops.llama.update_cache(v.to(self.v_cache.dtype), self.v_cache, start)
-        y = torch.ops.torchat.sdpa(q, self.k_cache, self.v_cache, start)
-        return y.reshape(batch, -1, heads * self.head_dim)
+        return torch.ops.torchat.attention(qkv, cos, sin, self.k_cache, self.v_cache, start)
 
 
 class KernelBlock(nn.Module):
@@ -218,18 +216,16 @@ def llm_attention(model: Transformer):
     """While the forward is exported: every layer's attention on ExecuTorch's LLM ops, every RMSNorm in its
     matmul form, every linear that torchat's kernels take (8da4w on the asymmetric grid, 8da8w) on them, with the rest
     of its layer fused in where all of the layer's are (KernelBlock); then the model as it was."""
-    load_llm_ops()
     originals = [layer.attention for layer in model.layers]
     caches = [attention.kv_cache for attention in originals]
     norms = {name: module for name, module in model.named_modules() if isinstance(module, RMSNorm)}
     model.filled_attention = False  # the wrappers bound their attention themselves
     dtype = cache_dtype(model)
-    rope_tables = FusedRopeTables(originals[0].n_heads, originals[0].n_kv_heads, caches[0].k_cache.device)
     blocks, kernel_linears = list(model.layers), []
     try:
         for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
-            block.attention = CachedAttention(attention, cache, dtype, rope_tables)
+            block.attention = CachedAttention(attention, cache, dtype)
             if KernelBlock.applies(block):
                 model.layers[i] = KernelBlock(block)
         for name, norm in norms.items():
