@@ -116,8 +116,8 @@ def test_attention_kernel_turns_writes_and_attends(tmp_path, cache_dtype):
     width = (heads + 2 * kv_heads) * dim
     seq = Dim("seq", min=1, max=MAX_SEQ)
     example = (torch.zeros(1, 2, width), torch.zeros(2, dim), torch.zeros(2, dim), torch.tensor([0]))
-    exported = torch.export.export(Layer(cache_dtype, dim), example, dynamic_shapes=({1: seq}, {0: seq}, {0: seq}, None),
-                                   strict=False)
+    exported = torch.export.export(Layer(cache_dtype, dim), example,
+                                   dynamic_shapes=({1: seq}, {0: seq}, {0: seq}, None), strict=False)
     edge = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     (tmp_path / "attention.pte").write_bytes(edge.to_executorch().buffer)
     program = _load_for_executorch(str(tmp_path / "attention.pte"))

@@ -1,6 +1,6 @@
-// ExecuTorch kernels for torchat::sdpa.out: causal attention of a block of queries over the filled part of a static
-// KV cache, and torchat::attention.out: RoPE, the cache writes and that attention in one call, what every torchat
-// .pte's layer calls after its q/k/v projection (torchat/lowering/et.py; sdpa alone is what earlier ones call). Written by hand: ExecuTorch's own
+// ExecuTorch kernels for torchat::sdpa.out: causal attention of a block of queries over the filled part of a
+// static KV cache, and torchat::attention.out: RoPE, the cache writes and that attention in one call, what every
+// torchat .pte's layer calls after its q/k/v projection (torchat/lowering/et.py; earlier ones call sdpa alone). Written by hand: ExecuTorch's own
 // llama::custom_sdpa (a tiled flash attention) took 32 us a layer for one SmolLM2 decode step at 150 positions
 // (20 % of the step) where the arithmetic is ~4 us; a decode step's few queries need a different loop.
 //

@@ -26,7 +26,8 @@ BIT_DTYPES = {4: torch.int4, 8: torch.int8}
 # torchat::linear_q8, what a .pte's 8da8w layer calls: its ExecuTorch kernel is torchat/kernels/et_linear.cpp; here its
 # definition for export and its reference in torch
 _OPS = torch.library.Library("torchat", "FRAGMENT")
-_ARGS = "Tensor x, Tensor weight, Tensor scales, Tensor? norm=None, float eps=0.0, Tensor? residual=None, bool gated=False"
+_ARGS = ("Tensor x, Tensor weight, Tensor scales, Tensor? norm=None, float eps=0.0, Tensor? residual=None, "
+         "bool gated=False")
 _OPS.define(f"linear_q8({_ARGS}) -> Tensor")
 _OPS.define(f"linear_q8.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
