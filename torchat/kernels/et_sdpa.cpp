@@ -1,12 +1,14 @@
 // ExecuTorch kernels for torchat::sdpa.out: causal attention of a block of queries over the filled part of a
 // static KV cache, and torchat::attention.out: RoPE, the cache writes and that attention in one call, what every
-// torchat .pte's layer calls after its q/k/v projection (torchat/lowering/et.py; earlier ones call sdpa alone). Written by hand: ExecuTorch's own
-// llama::custom_sdpa (a tiled flash attention) took 32 us a layer for one SmolLM2 decode step at 150 positions
-// (20 % of the step) where the arithmetic is ~4 us; a decode step's few queries need a different loop.
+// torchat .pte's layer calls after its q/k/v projection (torchat/lowering/et.py; earlier ones call sdpa alone).
+// Written by hand: ExecuTorch's own llama::custom_sdpa (a tiled flash attention) took 32 us a layer for one SmolLM2
+// decode step at 150 positions (20 % of the step) where the arithmetic is ~4 us; a decode step's few queries need a
+// different loop.
 //
 // query (1, seq, heads, head_dim) fp32, key/value caches (1, max_seq, kv_heads, head_dim) fp32 or fp16 (a quantized
-// .pte keeps its cache in fp16: half the bytes a long-context step reads), contiguous; the query at start_pos + i sees cache slots 0..start_pos + i; grouped-query heads share a key/value head, and the heads of
-// a group are done together so that each key and value row is read once per group. One work item is (query,
+// .pte keeps its cache in fp16: half the bytes a long-context step reads), contiguous; the query at start_pos + i
+// sees cache slots 0..start_pos + i; grouped-query heads share a key/value head, and the heads of a group are done
+// together so that each key and value row is read once per group. One work item is (query,
 // kv head, chunk of slots); a long cache with few queries (decode) is cut into chunks for the threads, each keeping
 // a running max and sum that are merged at the end (flash-decoding).
 //
