@@ -114,6 +114,13 @@ def _reference_int8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q - zero) * scale
 
 
+def _reference_block_int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 fake quantization per block of 32 (torchat's linear kernels), written from its definition."""
+    blocks = x.unflatten(-1, (-1, 32))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / scale) * scale).flatten(-2)
+
+
 @pytest.mark.parametrize("make, atol", [
     (lambda w: Int4WeightOnlyLinear.from_float(w, 32), 2e-2),
     (lambda w: Int4WeightOnlyLinear.from_float(w, 256), 2e-2),
@@ -125,13 +132,15 @@ def _reference_int8_activations(x: torch.Tensor) -> torch.Tensor:
     (lambda w: Int8DynActInt8Linear.from_float(w), 1e-4),
 ], ids=["int4-g32", "int4-g256", "hqq-g64", "int8", "int8-g128", "8da4w-g32", "8da4w-g128", "8da8w"])
 def test_packed_kernel_matches_the_dequantized_weight(make, atol):
-    """Packed runtime (tinygemm / int8pack / torchao subclass) vs F.linear on dequantized weights. int4 and
+    """Packed runtime (tinygemm / int8pack / torchao subclass / linear_q8) vs F.linear on dequantized weights. int4 and
     channel-wise int8 compute in bf16 on CPU, hence their looser tolerance (output scale is about 1)."""
     w = weights()
     x = torch.randn(3, 5, 576, generator=torch.Generator().manual_seed(1))
     module = make(w)
     dequantized = module.dequantized_weight()
-    if isinstance(module, Int8DynActInt4Linear):
+    if isinstance(module, Int8DynActInt8Linear):
+        reference = F.linear(_reference_block_int8_activations(x), dequantized)
+    elif isinstance(module, Int8DynActInt4Linear):
         reference = F.linear(_reference_int8_activations(x), dequantized)
     else:
         reference = F.linear(x, dequantized)

@@ -1,8 +1,8 @@
 """torchao's IntxUnpackedToInt8Tensor behind torchat modules: 8da4w and 8da8w linears, int8/int4 embeddings.
 
-In a .pte, 8da8w linears (and the 8-bit head of the 8da4w presets) run torchat::linear_q8, torchat's own kernel
-(torchat/kernels/et_linear.cpp: int8 weights against the input quantized per block of 32, as linear_q4 takes it),
-with their layer's norms, gate and residual adds fused in; eager and AOTI run torchao's form (per-token activations).
+8da8w linears (and the 8-bit head of the 8da4w presets) are torchat's own: torchat::linear_q8, int8 weights against
+the input quantized per block of 32 as linear_q4 takes it (its kernel torchat/kernels/et_linear.cpp, with a .pte
+layer's norms, gate and residual adds fused in; eager and AOTI run the op's torch form); torchao gives their codes.
 
 These are the forms ExecuTorch's XNNPACK delegate lowers correctly (notes/library-feasibility.md): the exported
 graph holds torchao's quantize/dequantize ops, which the partitioner and its quant fusion recognise. Codes and
@@ -234,11 +234,24 @@ class Int8DynActInt4Linear(IntxModule):
 
 
 class Int8DynActInt8Linear(Int8DynActInt4Linear):
-    """8da8w: per-token asymmetric int8 activations, symmetric int8 weights with one scale per output channel
-    (XNNPACK's qd8-f32-qc8w GEMM; group-wise int8 weights have no XNNPACK kernel)."""
+    """8da8w: int8 activations quantized per block of 32 on the fly (symmetric), symmetric int8 weights with one
+    scale per output channel; torchat::linear_q8 (a .pte runs its kernel, eager and AOTI its torch form).
+
+    Plain form: torchao's per-channel codes, qdata (out, in) int8 with scale (out, 1) and zero_point 0 (as baked).
+    Runtime form (`pack`): linear_q8's `q8_weight` (the codes padded to a multiple of 64, in its byte order) and
+    `q8_scales` (out,) float32. Before torchat's kernel, a .pte ran XNNPACK's qd8-f32-qc8w GEMM on per-token
+    asymmetric activations, and eager torchao's form of the same."""
 
     kind = "int8_dynamic_act_int8_weight"
     bits = 8
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._float_dtype = self.scale.dtype
+        self.q8_weight = self.q8_scales = None
+        # forward calls the op (a .pte's kernel: torchat.lowering.et sets this while it exports) rather than its
+        # torch form, which eager runs and AOTI compiles like any other torch code
+        self.kernel = False
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 0, dtype: torch.dtype | None = None):
@@ -256,15 +269,37 @@ class Int8DynActInt8Linear(Int8DynActInt4Linear):
         return cls(k, n, 0, torch.empty(n, k, dtype=torch.int8, device=device),
                    torch.empty(n, 1, dtype=dtype, device=device), torch.zeros(n, 1, dtype=torch.int8, device=device))
 
-    # linear_q8's (weight, scales) while a .pte is exported (set_kernel); forward then calls the op
-    kernel_parts: tuple[torch.Tensor, torch.Tensor] | None = None
+    @property
+    def packed(self) -> bool:
+        return self.q8_weight is not None
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return self._float_dtype
 
     def q8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """linear_q8's weight (the codes padded to a multiple of 64, in its order) and float32 row scales."""
-        tensor = self.weight if self.packed else self
-        codes, scale, zero_point = tensor.qdata, tensor.scale, tensor.zero_point
-        assert not zero_point.any(), "8da8w weights are symmetric"
-        return to_q8_layout(pad_columns(codes, padded_size(self.in_features, Q4_PAIR))), scale.float().reshape(-1)
+        """linear_q8's (weight, scales): the runtime form, or made from the plain one."""
+        if self.packed:
+            return self.q8_weight, self.q8_scales
+        assert not self.zero_point.any(), "8da8w weights are symmetric"
+        padded = pad_columns(self.qdata, padded_size(self.in_features, Q4_PAIR))
+        return to_q8_layout(padded), self.scale.float().reshape(-1)
+
+    def pack(self) -> None:
+        self.q8_weight, self.q8_scales = self.q8_parts()
+        self.qdata = self.scale = self.zero_point = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        weight, scales = self.q8_parts()
+        return (from_q8_layout(weight)[:, :self.in_features].float() * scales[:, None]).to(self.float_dtype)
+
+    @classmethod
+    def concatenated(cls, modules: list) -> "Int8DynActInt8Linear | None":
+        fused = cls._stacked_shell(modules)
+        if fused is not None:
+            fused.q8_weight, fused.q8_scales = map(torch.cat, zip(*(m.q8_parts() for m in modules)))
+            fused.qdata = fused.scale = fused.zero_point = None
+        return fused
 
     @property
     def runs_on_kernel(self) -> bool:
@@ -272,14 +307,12 @@ class Int8DynActInt8Linear(Int8DynActInt4Linear):
         return self.packed
 
     def set_kernel(self, on: bool) -> None:
-        self.kernel_parts = self.q8_parts() if on else None
+        self.kernel = on
 
     def forward(self, x: torch.Tensor, **fused) -> torch.Tensor:
         """fused: linear_q8's norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.KernelBlock)."""
-        if self.kernel_parts is not None:
-            return torch.ops.torchat.linear_q8(x, *self.kernel_parts, **fused)
-        assert not fused, "only the kernel's form fuses its neighbours"
-        return super().forward(x)
+        op = torch.ops.torchat.linear_q8 if self.kernel else linear_q8
+        return op(x, *self.q8_parts(), **fused)
 
 
 class QuantizedEmbedding(IntxModule):
