@@ -55,7 +55,7 @@ def reference(layer, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:
             ..., None]
         offsets = layer.q4_offsets.double()
     else:
-        codes, scales = layer.q8_parts()
+        codes, scales = layer.kernel_parts()
         weight = (from_q8_layout(codes).double() * scales.double()[:, None]).view(layer.out_features, -1, 32)
         offsets = torch.zeros(weight.shape[:2], dtype=torch.float64)
     blocks = nn.functional.pad(x, (0, weight.shape[1] * 32 - x.shape[-1])).unflatten(-1, (-1, 32))

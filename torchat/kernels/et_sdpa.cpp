@@ -242,16 +242,13 @@ void run_sdpa(const float* q, const KV* k, const KV* v, int64_t seq, int64_t hea
   }
 }
 
-// run_sdpa on the caches' element type
-void run_sdpa_on(const float* q, const Tensor& k, const Tensor& v, int64_t seq, int64_t heads, int64_t start,
-                 float* out) {
-  if (k.scalar_type() == ScalarType::Half)
-    run_sdpa<_Float16>(q, reinterpret_cast<const _Float16*>(k.const_data_ptr()),
-                       reinterpret_cast<const _Float16*>(v.const_data_ptr()), seq, heads, k.size(2), k.size(3), start,
-                       out);
+// fn(KV{}) with KV the caches' element type, _Float16 or float: each op dispatches once
+template <typename Fn>
+void on_cache_type(ScalarType cache, Fn&& fn) {
+  if (cache == ScalarType::Half)
+    fn(_Float16{});
   else
-    run_sdpa<float>(q, k.const_data_ptr<float>(), v.const_data_ptr<float>(), seq, heads, k.size(2), k.size(3), start,
-                    out);
+    fn(float{});
 }
 
 // sdpa.out(Tensor query, Tensor key, Tensor value, SymInt start_pos, *, Tensor(a!) out) -> Tensor(a!)
@@ -279,7 +276,12 @@ void sdpa_out(KernelRuntimeContext& context, Span<EValue*> stack) {
     context.fail(Error::InvalidArgument);
     return;
   }
-  run_sdpa_on(q.const_data_ptr<float>(), k, v, q.size(1), q.size(2), start, out.mutable_data_ptr<float>());
+  on_cache_type(cache, [&](auto element) {
+    using KV = decltype(element);
+    run_sdpa(q.const_data_ptr<float>(), reinterpret_cast<const KV*>(k.const_data_ptr()),
+             reinterpret_cast<const KV*>(v.const_data_ptr()), q.size(1), q.size(2), k.size(2), k.size(3), start,
+             out.mutable_data_ptr<float>());
+  });
 }
 
 // RoPE (rotate-half) of one head's x into y: y[i] = x[i] cos[i] - x[i + half] sin[i],
@@ -359,15 +361,14 @@ void attention_out(KernelRuntimeContext& context, Span<EValue*> stack) {
   }
   static thread_local std::vector<float> queries;  // the turned queries, (seq, heads, dim)
   queries.resize(static_cast<size_t>(seq * heads * dim));
-  const float* x = qkv.const_data_ptr<float>();
-  if (cache == ScalarType::Half)
-    place(x, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), seq, heads, kv_heads, dim, start,
-          queries.data(), reinterpret_cast<_Float16*>(k.mutable_data_ptr()),
-          reinterpret_cast<_Float16*>(v.mutable_data_ptr()));
-  else
-    place(x, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), seq, heads, kv_heads, dim, start,
-          queries.data(), k.mutable_data_ptr<float>(), v.mutable_data_ptr<float>());
-  run_sdpa_on(queries.data(), k, v, seq, heads, start, out.mutable_data_ptr<float>());
+  on_cache_type(cache, [&](auto element) {
+    using KV = decltype(element);
+    KV* keys = reinterpret_cast<KV*>(k.mutable_data_ptr());
+    KV* values = reinterpret_cast<KV*>(v.mutable_data_ptr());
+    place(qkv.const_data_ptr<float>(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), seq, heads,
+          kv_heads, dim, start, queries.data(), keys, values);
+    run_sdpa<KV>(queries.data(), keys, values, seq, heads, kv_heads, dim, start, out.mutable_data_ptr<float>());
+  });
 }
 
 const executorch::runtime::Kernel kKernels[] = {

@@ -200,7 +200,30 @@ def q4_parts(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, gro
     return to_q4_layout(codes), scale16, offset16
 
 
-class Int8DynActAsymInt4Linear(QuantizedModule):
+class KernelLinear:
+    """What a linear on one of torchat's kernels shares (here linear_q4; torchat.quant.intx's 8da8w, linear_q8):
+    `op`, the op's name under torch.ops.torchat, `torch_form`, its reference in torch, and `kernel_parts()`, the
+    weight tensors it takes after x. forward calls the op itself (a .pte's kernel) while `kernel` is set
+    (torchat.lowering.et sets it while it exports, `set_kernel`), else its torch form, which eager runs and AOTI
+    compiles like any other torch code."""
+
+    op: str
+    torch_form = None
+    kernel = False
+
+    def kernel_parts(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def set_kernel(self, on: bool) -> None:
+        self.kernel = on
+
+    def run_kernel(self, x: torch.Tensor, **fused) -> torch.Tensor:
+        """fused: the ops' norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.KernelBlock)."""
+        op = getattr(torch.ops.torchat, self.op) if self.kernel else self.torch_form
+        return op(x, *self.kernel_parts(), **fused)
+
+
+class Int8DynActAsymInt4Linear(KernelLinear, QuantizedModule):
     """8da4w with an asymmetric group-wise grid: int8 dynamic activations (per block of 32, symmetric) times 4-bit
     codes with a scale and an offset per group, torchat's own kernel (torchat::linear_q4).
 
@@ -211,6 +234,7 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
     """
 
     kind = "int8_dynamic_act_asym_int4_weight"
+    op, torch_form = "linear_q4", staticmethod(linear_q4)
 
     def __init__(self, in_features: int, out_features: int, group_size: int, qdata, scale, offset,
                  quantize_activations: bool = True):
@@ -227,9 +251,6 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         self.register_buffer("offset", offset)
         self.q4_codes = self.q4_scales = self.q4_offsets = None
         self._float_dtype = scale.dtype
-        # forward calls the op (a .pte's kernel: torchat.lowering.et sets this while it exports) rather than its
-        # torch form, which eager runs and AOTI compiles like any other torch code
-        self.kernel = False
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype | None = None):
@@ -271,13 +292,13 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
                 ..., None]
         return grouped.reshape(self.out_features, -1)[:, :self.in_features].to(self.float_dtype)
 
-    def _q4_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def kernel_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed:
             return self.q4_codes, self.q4_scales, self.q4_offsets
         return q4_parts(unpack_nibbles(self.qdata), self.scale, self.offset, self.group_size)
 
     def pack(self) -> None:
-        self.q4_codes, self.q4_scales, self.q4_offsets = self._q4_parts()
+        self.q4_codes, self.q4_scales, self.q4_offsets = self.kernel_parts()
         self.qdata = self.scale = self.offset = None
 
     @classmethod
@@ -286,7 +307,7 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         if fused is None or any(m.quantize_activations != first.quantize_activations for m in modules):
             return None
         fused.quantize_activations = first.quantize_activations
-        fused.q4_codes, fused.q4_scales, fused.q4_offsets = map(torch.cat, zip(*(m._q4_parts() for m in modules)))
+        fused.q4_codes, fused.q4_scales, fused.q4_offsets = map(torch.cat, zip(*(m.kernel_parts() for m in modules)))
         fused.qdata = fused.scale = fused.offset = None
         return fused
 
@@ -295,16 +316,13 @@ class Int8DynActAsymInt4Linear(QuantizedModule):
         if not self.quantize_activations:
             assert not fused, "the float-activation form (tests) fuses nothing"
             return F.linear(x, self.dequantized_weight().to(x.dtype))
-        op = torch.ops.torchat.linear_q4 if self.kernel else linear_q4
-        return op(x, *self._q4_parts(), **fused)
+        return self.run_kernel(x, **fused)
 
     @property
     def runs_on_kernel(self) -> bool:
         """Whether a .pte runs this layer on torchat's kernel (`set_kernel`), its neighbours fusable into it."""
         return self.packed and self.quantize_activations
 
-    def set_kernel(self, on: bool) -> None:
-        self.kernel = on
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

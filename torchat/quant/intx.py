@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchat.quant.asym4 import KERNEL_ORDER, Q4_PAIR, fused_output, quantized_input
+from torchat.quant.asym4 import KERNEL_ORDER, Q4_PAIR, KernelLinear, fused_output, quantized_input
 from torchat.quant.base import (QuantizedModule, concatenated_intx, group_view, pack_nibbles, pad_columns, padded_size,
                                 unpack_nibbles)
 
@@ -233,7 +233,7 @@ class Int8DynActInt4Linear(IntxModule):
                 f"padded_in={self.padded_in}")
 
 
-class Int8DynActInt8Linear(Int8DynActInt4Linear):
+class Int8DynActInt8Linear(KernelLinear, Int8DynActInt4Linear):
     """8da8w: int8 activations quantized per block of 32 on the fly (symmetric), symmetric int8 weights with one
     scale per output channel; torchat::linear_q8 (a .pte runs its kernel, eager and AOTI its torch form).
 
@@ -244,14 +244,12 @@ class Int8DynActInt8Linear(Int8DynActInt4Linear):
 
     kind = "int8_dynamic_act_int8_weight"
     bits = 8
+    op, torch_form = "linear_q8", staticmethod(linear_q8)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._float_dtype = self.scale.dtype
         self.q8_weight = self.q8_scales = None
-        # forward calls the op (a .pte's kernel: torchat.lowering.et sets this while it exports) rather than its
-        # torch form, which eager runs and AOTI compiles like any other torch code
-        self.kernel = False
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 0, dtype: torch.dtype | None = None):
@@ -277,7 +275,7 @@ class Int8DynActInt8Linear(Int8DynActInt4Linear):
     def float_dtype(self) -> torch.dtype:
         return self._float_dtype
 
-    def q8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kernel_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """linear_q8's (weight, scales): the runtime form, or made from the plain one."""
         if self.packed:
             return self.q8_weight, self.q8_scales
@@ -286,18 +284,18 @@ class Int8DynActInt8Linear(Int8DynActInt4Linear):
         return to_q8_layout(padded), self.scale.float().reshape(-1)
 
     def pack(self) -> None:
-        self.q8_weight, self.q8_scales = self.q8_parts()
+        self.q8_weight, self.q8_scales = self.kernel_parts()
         self.qdata = self.scale = self.zero_point = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        weight, scales = self.q8_parts()
+        weight, scales = self.kernel_parts()
         return (from_q8_layout(weight)[:, :self.in_features].float() * scales[:, None]).to(self.float_dtype)
 
     @classmethod
     def concatenated(cls, modules: list) -> "Int8DynActInt8Linear | None":
         fused = cls._stacked_shell(modules)
         if fused is not None:
-            fused.q8_weight, fused.q8_scales = map(torch.cat, zip(*(m.q8_parts() for m in modules)))
+            fused.q8_weight, fused.q8_scales = map(torch.cat, zip(*(m.kernel_parts() for m in modules)))
             fused.qdata = fused.scale = fused.zero_point = None
         return fused
 
@@ -306,13 +304,8 @@ class Int8DynActInt8Linear(Int8DynActInt4Linear):
         """Whether a .pte runs this layer on torchat's kernel (`set_kernel`), its neighbours fusable into it."""
         return self.packed
 
-    def set_kernel(self, on: bool) -> None:
-        self.kernel = on
-
     def forward(self, x: torch.Tensor, **fused) -> torch.Tensor:
-        """fused: linear_q8's norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.KernelBlock)."""
-        op = torch.ops.torchat.linear_q8 if self.kernel else linear_q8
-        return op(x, *self.q8_parts(), **fused)
+        return self.run_kernel(x, **fused)
 
 
 class QuantizedEmbedding(IntxModule):
