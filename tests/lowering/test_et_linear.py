@@ -1,11 +1,11 @@
 """torchat::linear_q4's and torchat::linear_q8's ExecuTorch kernels (torchat/kernels/et_linear.cpp, run by the
 pybindings) against the packed layers written out in float64 (8da4w on the asymmetric grid, whose weights for a GGUF
-tensor are gguf's dequantized ones, test_asym4.py; 8da8w's per-channel int8 from torchao):
-decode and prefill, an input dim padded to the kernel's 64, a group of 64 (two blocks a scale), row counts that
-leave the kernel's 4-row tiles a remainder, shapes large enough for the thread pool, the norm, gate and residual
-a .pte's layer fuses into the op, and each of the kernel's
-code paths: built for this machine (VNNI where it has it), for AVX2 without VNNI (x86-64-v3) and portable C++
-(x86-64), each in a process of its own (TORCHAT_KERNEL_MARCH keys the library torchat.kernels builds)."""
+tensor are gguf's dequantized ones, test_asym4.py; 8da8w's per-channel int8 from torchao): decode and prefill, an
+input dim padded to the kernel's 64, a group of 64 (two blocks a scale), row counts that leave the kernel's 4-row
+tiles a remainder (of 1, 2 and 3 rows), shapes large enough for the thread pool, the norm, gate and residual a
+.pte's layer fuses into the op, and each of the kernel's code paths: built for this machine (VNNI where it has it),
+for AVX2 without VNNI (x86-64-v3) and portable C++ (x86-64), each in a process of its own (TORCHAT_KERNEL_MARCH keys
+the library torchat.kernels builds)."""
 
 import os
 import subprocess
@@ -18,13 +18,14 @@ from gguf import GGMLQuantizationType
 from torch import nn
 from torch.export import Dim
 
-from torchat.quant.asym4 import Int8DynActAsymInt4Linear, from_q4_layout
+from torchat.quant.asym4 import Int8DynActAsymInt4Linear, q4_block_parts
 from torchat.quant.intx import Int8DynActInt8Linear, from_q8_layout
 
 HERE = Path(__file__).resolve().parent
 # (out_features, in_features, group_size, tokens, fused), GGUF Q4_1 weights (random ones for the large shapes);
 # fused: with an RMSNorm before, the SiLU gate and a residual after (what a .pte's layer asks of the op)
 CASES = [(64, 256, 32, (1, 7), False), (62, 80, 32, (1, 3), False), (36, 576, 64, (1, 5), False),
+         (35, 192, 32, (1, 3), False),
          (1536, 576, 32, (1, 33), False), (577, 1536, 32, (1, 2), False), (64, 80, 32, (1, 4), True),
          (3072, 576, 32, (1, 9), True)]
 EPS = 1e-5
@@ -51,9 +52,9 @@ def reference(layer, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:
     if norm is not None:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * norm
     if isinstance(layer, Int8DynActAsymInt4Linear):
-        weight = from_q4_layout(layer.q4_codes).double().view(layer.out_features, -1, 32) * layer.q4_scales.double()[
-            ..., None]
-        offsets = layer.q4_offsets.double()
+        codes, scales, offsets = q4_block_parts(*layer.kernel_parts())
+        weight = codes.double().view(layer.out_features, -1, 32) * scales.double()[..., None]
+        offsets = offsets.double()
     else:
         codes, scales = layer.kernel_parts()
         weight = (from_q8_layout(codes).double() * scales.double()[:, None]).view(layer.out_features, -1, 32)
@@ -139,7 +140,7 @@ def test_kernel_matches_the_layer_written_out(cases, march):
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_form_is_the_layer_written_out(kind):
     """The op's torch form (what eager runs) agrees with the written-out layer too."""
-    for n, k, group, tokens, fused in CASES[:3] + CASES[5:6]:
+    for n, k, group, tokens, fused in CASES[:4] + CASES[6:7]:
         generator = torch.Generator().manual_seed(n)
         layer = kernel_layer(kind, torch.randn(n, k, generator=generator) * 0.05, group)
         x, residual = torch.randn(2, tokens[-1], k, generator=generator), torch.randn(2, tokens[-1], n // 2)

@@ -18,18 +18,22 @@
 // Codes come in pairs of blocks, 32 bytes each: byte b holds, in its low nibble, element (b / 8) * 4 + b % 4 of
 // block (b / 4) % 2 of the pair, in its high nibble element 16 more; so one 32-byte load gives both blocks' codes,
 // each 4-byte lane of a vpmaddubsw/vpmaddwd sum belongs to one block, alternating, and the pair's two scales (one
-// 4-byte load, widened) line up with the lanes without a shuffle.
+// 4-byte load, widened) line up with the lanes without a shuffle. Codes, scales and offsets are tiled: rows in tiles
+// of 4, a tile's rows interleaved pair by pair (slot() below, torchat.quant.asym4.tile_rows), so that each thread
+// reads its rows' weights as one run of memory (and the scales and offsets as two), which the prefetch 2 KB ahead
+// and the hardware's prefetchers follow: on the AVX2 EPYC (Zen 3) two threads streamed codes at 22-26 GB/s where
+// four rows apart they had 12-16 (read bandwidth 29).
 //
-// For a transformer layer (torchat.lowering.et.Q4Block) the op also takes the RMSNorm before it (`norm`, `eps`: x is
-// normalized before it is quantized), a SiLU gate after it (`gated`: the outputs' first half gates the second,
+// For a transformer layer (torchat.lowering.et.KernelBlock) the op also takes the RMSNorm before it (`norm`, `eps`: x
+// is normalized before it is quantized), a SiLU gate after it (`gated`: the outputs' first half gates the second,
 // silu(gate) * up, so w1 and w3 run as one) and a residual added last; a decode step then makes four calls a layer.
-// Rows are split over ExecuTorch's thread pool in tiles of 4 (a prefill takes 2 tokens a tile, so each pair of
-// blocks is unpacked once for both), and codes are prefetched 2 KB ahead: without it one thread read 8.4 GB/s of
-// weights, with it 16 (AVX2-emulated Ice Lake; two threads 19 -> 25, the machine's bandwidth).
+// Tiles are split over ExecuTorch's thread pool (a prefill takes 2 tokens a tile, so each pair of blocks is unpacked
+// once for both). Without the prefetch one thread read 8.4 GB/s of weights, with it 16 (AVX2-emulated Ice Lake,
+// rows apart; two threads 19 -> 25, the machine's bandwidth).
 //
 // torchat::linear_q8.out: the same on int8 weights with one float scale per output row (8da8w's per-channel grid,
 // the 8-bit head of the 8da4w presets; torchat/quant/intx.py), in the activations' byte order (64 a pair of blocks,
-// position() below) so that one quantization serves both ops:
+// position() below) so that one quantization serves both ops, tiled as linear_q4's codes (the row scales are not):
 //
 //   y[t, n] = scale[n] * sum over blocks j of  a[t, j] * sum_e w[n, j, e] * q[t, j, e]
 //
@@ -176,8 +180,11 @@ inline float half_to_float(uint16_t h) {
   return static_cast<float>(v);
 }
 
+constexpr int64_t kTile = 4;    // rows a tile
+constexpr int64_t kTokens = 2;  // tokens a tile of a prefill
+
 // The weights of one call: linear_q4's codes (n, kp / 2) with fp16 scales and offsets (n, kp / 32), or linear_q8's
-// int8 weights (n, kp) with float32 row scales (n)
+// int8 weights (n, kp) with float32 row scales (n); all but the row scales tiled (slot())
 struct Problem {
   const uint8_t* codes;
   const uint16_t* scales;
@@ -191,24 +198,17 @@ struct Problem {
 
 enum class Format { q4, q8 };
 
+// where row r's pair of blocks j lies, counted in pairs (of codes, 32 or 64 bytes; of scales or offsets, 2): rows
+// in tiles of kTile (the last one shorter where n does not divide), a tile's rows interleaved pair by pair, so that
+// a tile's weights are one run of memory (torchat.quant.asym4.tile_rows)
+inline int64_t slot(int64_t n, int64_t pairs, int64_t r, int64_t j) {
+  const int64_t r0 = r - r % kTile;
+  return r0 * pairs + j * std::min(kTile, n - r0) + (r - r0);
+}
+
 inline void store(const Problem& p, int64_t t, int64_t r, float value) {
   const int64_t at = t * p.n + r;
   p.out[at] = p.residual == nullptr ? value : value + p.residual[at];
-}
-
-// sum over blocks of offset * X for one row and token
-inline float offsets_term(const uint16_t* offsets, const float* sums, int64_t blocks) {
-  int64_t j = 0;
-  float total = 0.f;
-#ifdef TORCHAT_LINEAR_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + 8 <= blocks; j += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + j))),
-                          _mm256_loadu_ps(sums + j), acc);
-  total = hsum(acc);
-#endif
-  for (; j < blocks; ++j) total += half_to_float(offsets[j]) * sums[j];
-  return total;
 }
 
 #ifdef TORCHAT_LINEAR_AVX2
@@ -245,110 +245,144 @@ inline __m256i pair_dot_q8(__m256i w0, __m256i w1, const int8_t* q) {
   return dot_add(sum, _mm256_abs_epi8(w1), _mm256_sign_epi8(qb, w1));
 }
 
-// rows [r, r + R) for tokens [t, t + T): R x T accumulators; each pair's weights are loaded (and unpacked) once for
-// the T tokens (prefill) and each token's activations loaded once for the R rows
+// R rows' two fp16 values each (a tile's scales or offsets for one pair) as floats: row i's in lanes 2i and 2i + 1
+template <int R>
+inline __m256 load_pairs(const uint16_t* h) {
+  __m128i v = _mm_setzero_si128();
+  if constexpr (R == kTile)
+    v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
+  else
+    std::memcpy(&v, h, R * 2 * sizeof(uint16_t));
+  return _mm256_cvtph_ps(v);
+}
+
+// a float's lane pair (2i, 2i + 1) repeated over the 8 lanes
+inline __m256 lane_pair(__m256 v, int i) {
+  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i, 2 * i + 1, 2 * i,
+                                                       2 * i + 1));
+}
+
+// the R rows of the tile at row r0 (R = kTile but in the last tile) for tokens [t, t + T): R x T accumulators; each
+// pair's weights are loaded (and unpacked) once for the T tokens (prefill) and each token's activations loaded once
+// for the R rows. The tile's weights stream as one run (slot()), its scales and offsets as two more.
 template <Format F, int R, int T>
-void rows_avx2(const Problem& p, int64_t r, int64_t t) {
+void rows_avx2(const Problem& p, int64_t r0, int64_t t) {
   const int64_t pairs = p.kp / kPair, blocks = p.kp / kBlock;
-  const int64_t row_bytes = F == Format::q4 ? p.kp / 2 : p.kp, pair_bytes = F == Format::q4 ? 32 : 64;
+  constexpr int64_t pair_bytes = F == Format::q4 ? 32 : 64;
+  const uint8_t* tile = p.codes + r0 * pairs * pair_bytes;
   const int8_t* q = p.act->q.data() + t * p.kp;
   const float* a = p.act->a.data() + t * blocks;
+  const float* sums = p.act->sums.data() + t * blocks;
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  __m256 acc[R][T];
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < T; ++u) acc[i][u] = _mm256_setzero_ps();
+  __m256 acc[R][T], offsets[T];  // offsets: q4's offsets term, row i's in lanes 2i and 2i + 1
+  for (int u = 0; u < T; ++u) {
+    offsets[u] = _mm256_setzero_ps();
+    for (int i = 0; i < R; ++i) acc[i][u] = _mm256_setzero_ps();
+  }
   for (int64_t j = 0; j < pairs; ++j) {
-    // per token, a of the pair's two blocks, alternating as the lanes do
+    const uint8_t* codes = tile + j * R * pair_bytes;
+    for (int64_t line = 0; line < R * pair_bytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(codes) + kAhead + line, _MM_HINT_T0);
+    // per token, a (and for q4 the float sums) of the pair's two blocks, alternating as the lanes do
     __m256 scale_a[T];
     for (int u = 0; u < T; ++u) {
       double a2;
       std::memcpy(&a2, a + u * blocks + 2 * j, sizeof(a2));
       scale_a[u] = _mm256_castpd_ps(_mm256_set1_pd(a2));
     }
-    for (int i = 0; i < R; ++i) {
-      const uint8_t* row = p.codes + (r + i) * row_bytes + j * pair_bytes;
-      _mm_prefetch(reinterpret_cast<const char*>(row) + kAhead, _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-      if constexpr (F == Format::q4) {
+    if constexpr (F == Format::q4) {
+      const __m256 scales = load_pairs<R>(p.scales + (r0 * pairs + j * R) * 2);
+      const __m256 offs = load_pairs<R>(p.offsets + (r0 * pairs + j * R) * 2);
+      for (int u = 0; u < T; ++u) {
+        double x2;
+        std::memcpy(&x2, sums + u * blocks + 2 * j, sizeof(x2));
+        offsets[u] = _mm256_fmadd_ps(offs, _mm256_castpd_ps(_mm256_set1_pd(x2)), offsets[u]);
+      }
+      for (int i = 0; i < R; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i * pair_bytes));
         const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        int32_t s2;
-        std::memcpy(&s2, p.scales + (r + i) * blocks + 2 * j, sizeof(s2));
-        const __m256 scale = _mm256_cvtph_ps(_mm_set1_epi32(s2));
+        const __m256 scale = lane_pair(scales, i);
         for (int u = 0; u < T; ++u) {
           const __m256 dot = _mm256_cvtepi32_ps(pair_dot_q4(lo, hi, q + u * p.kp + j * kPair));
           acc[i][u] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, scale_a[u]), acc[i][u]);
         }
-      } else {
-        _mm_prefetch(reinterpret_cast<const char*>(row) + kAhead + 64, _MM_HINT_T0);
-        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
+      }
+    } else {
+      for (int i = 0; i < R; ++i) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i * pair_bytes));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i * pair_bytes + 32));
         for (int u = 0; u < T; ++u) {
-          const __m256 dot = _mm256_cvtepi32_ps(pair_dot_q8(v, v1, q + u * p.kp + j * kPair));
+          const __m256 dot = _mm256_cvtepi32_ps(pair_dot_q8(v0, v1, q + u * p.kp + j * kPair));
           acc[i][u] = _mm256_fmadd_ps(dot, scale_a[u], acc[i][u]);
         }
       }
     }
   }
   for (int u = 0; u < T; ++u) {
-    const float* sums = p.act->sums.data() + (t + u) * blocks;
+    float offset[8];
+    _mm256_storeu_ps(offset, offsets[u]);
     for (int i = 0; i < R; ++i) {
       if constexpr (F == Format::q4)
-        store(p, t + u, r + i, hsum(acc[i][u]) + offsets_term(p.offsets + (r + i) * blocks, sums, blocks));
+        store(p, t + u, r0 + i, hsum(acc[i][u]) + offset[2 * i] + offset[2 * i + 1]);
       else
-        store(p, t + u, r + i, hsum(acc[i][u]) * p.row_scales[r + i]);
+        store(p, t + u, r0 + i, hsum(acc[i][u]) * p.row_scales[r0 + i]);
     }
   }
+}
+
+// the tile of R rows at r0, for every token
+template <Format F, int R>
+void tile_avx2(const Problem& p, int64_t r0) {
+  int64_t t = 0;
+  for (; t + kTokens <= p.tokens; t += kTokens) rows_avx2<F, R, kTokens>(p, r0, t);
+  for (; t < p.tokens; ++t) rows_avx2<F, R, 1>(p, r0, t);
 }
 
 #else
 // portable: one row for one token
 template <Format F>
 void row_portable(const Problem& p, int64_t r, int64_t t) {
-  const int64_t blocks = p.kp / kBlock;
+  const int64_t blocks = p.kp / kBlock, pairs = p.kp / kPair;
   const int8_t* q = p.act->q.data() + t * p.kp;
-  const uint8_t* row = p.codes + r * (F == Format::q4 ? p.kp / 2 : p.kp);
+  const float* sums = p.act->sums.data() + t * blocks;
   float total = 0.f;
   for (int64_t j = 0; j < blocks; ++j) {
-    const int64_t g = j % 2;
+    const int64_t g = j % 2, at_pair = slot(p.n, pairs, r, j / 2);
     const int8_t* qp = q + (j / 2) * kPair;
     int32_t dot = 0;
     for (int64_t e = 0; e < kBlock; ++e) {
       const int64_t at = position(g, e);
       int32_t w;
       if constexpr (F == Format::q4) {
-        const uint8_t byte = row[(j / 2) * 32 + at % 32];
+        const uint8_t byte = p.codes[at_pair * 32 + at % 32];
         w = e < 16 ? (byte & 0x0F) : (byte >> 4);
       } else {
-        w = static_cast<int8_t>(row[(j / 2) * kPair + at]);
+        w = static_cast<int8_t>(p.codes[at_pair * kPair + at]);
       }
       dot += w * qp[at];
     }
     const float a = p.act->a[t * blocks + j];
-    total += (F == Format::q4 ? half_to_float(p.scales[r * blocks + j]) : 1.f) * a * static_cast<float>(dot);
+    if constexpr (F == Format::q4)
+      total += half_to_float(p.scales[at_pair * 2 + g]) * a * static_cast<float>(dot) +
+               half_to_float(p.offsets[at_pair * 2 + g]) * sums[j];
+    else
+      total += a * static_cast<float>(dot);
   }
-  if constexpr (F == Format::q4)
-    store(p, t, r, total + offsets_term(p.offsets + r * blocks, p.act->sums.data() + t * blocks, blocks));
-  else
-    store(p, t, r, total * p.row_scales[r]);
+  store(p, t, r, F == Format::q4 ? total : total * p.row_scales[r]);
 }
 #endif
-
-constexpr int64_t kTile = 4;  // rows a tile
-
-constexpr int64_t kTokens = 2;  // tokens a tile of a prefill
 
 template <Format F>
 void run_rows(const Problem& p, int64_t tile_begin, int64_t tile_end) {
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t r0 = tile * kTile, r1 = std::min(p.n, r0 + kTile);
 #ifdef TORCHAT_LINEAR_AVX2
-    int64_t t = 0;
-    if (r1 - r0 == kTile) {
-      for (; t + kTokens <= p.tokens; t += kTokens) rows_avx2<F, kTile, kTokens>(p, r0, t);
-      for (; t < p.tokens; ++t) rows_avx2<F, kTile, 1>(p, r0, t);
-      continue;
+    switch (r1 - r0) {
+      case 4: tile_avx2<F, 4>(p, r0); break;
+      case 3: tile_avx2<F, 3>(p, r0); break;
+      case 2: tile_avx2<F, 2>(p, r0); break;
+      default: tile_avx2<F, 1>(p, r0); break;
     }
-    for (; t < p.tokens; ++t)
-      for (int64_t r = r0; r < r1; ++r) rows_avx2<F, 1, 1>(p, r, t);
 #else
     for (int64_t t = 0; t < p.tokens; ++t)
       for (int64_t r = r0; r < r1; ++r) row_portable<F>(p, r, t);

@@ -115,21 +115,56 @@ _ELEMENT = torch.tensor([(b // 8) * 4 + b % 4 for b in range(32)])
 KERNEL_ORDER = torch.cat([_BLOCK * Q4_BLOCK + _ELEMENT, _BLOCK * Q4_BLOCK + _ELEMENT + 16])
 
 
+KERNEL_TILE = 4  # rows a tile of torchat's linear kernels
+
+
+def tile_rows(x: torch.Tensor, per_pair: int) -> torch.Tensor:
+    """A runtime part of torchat's linear kernels, (rows, pairs · per_pair) in the rows' order (per_pair: its
+    elements for one row's pair of blocks), in the kernels' order, same shape: rows in tiles of KERNEL_TILE (the last
+    one shorter where they do not divide), a tile's rows interleaved pair by pair (pair 0 of each row, then pair 1,
+    ...), so that a tile is one run of memory: on the AVX2 EPYC two threads streamed 4-bit codes at 22-26 GB/s,
+    as rows 12-16 (its bandwidth: 29; docs/performance.md)."""
+    return _retiled(x, per_pair, untile=False)
+
+
+def untile_rows(x: torch.Tensor, per_pair: int) -> torch.Tensor:
+    """`tile_rows` undone: the rows' order."""
+    return _retiled(x, per_pair, untile=True)
+
+
+def _retiled(x: torch.Tensor, per_pair: int, untile: bool) -> torch.Tensor:
+    rows, width = x.shape
+    full, pairs = rows - rows % KERNEL_TILE, width // per_pair
+    out = []
+    for part, tiles, tile in ((x[:full], full // KERNEL_TILE, KERNEL_TILE), (x[full:], 1, rows - full)):
+        if part.numel():
+            shape = (tiles, pairs, tile, per_pair) if untile else (tiles, tile, pairs, per_pair)
+            out.append(part.reshape(shape).transpose(1, 2).reshape(-1, width))
+    return torch.cat(out) if out else x.clone()
+
+
 def to_q4_layout(codes: torch.Tensor) -> torch.Tensor:
-    """Codes (out, in) uint8 in [0, 15], in a multiple of 64, as linear_q4's bytes (out, in / 2)."""
+    """Codes (out, in) uint8 in [0, 15], in a multiple of 64, as linear_q4's bytes (out, in / 2): each row's pairs of
+    blocks in the byte order above, the rows tiled (`tile_rows`)."""
     pairs = codes.view(codes.shape[0], -1, 2, Q4_BLOCK)
     low, high = pairs[:, :, _BLOCK, _ELEMENT], pairs[:, :, _BLOCK, _ELEMENT + 16]
-    return (low | (high << 4)).reshape(codes.shape[0], -1)
+    return tile_rows((low | (high << 4)).reshape(codes.shape[0], -1), Q4_PAIR // 2)
 
 
 def from_q4_layout(packed: torch.Tensor) -> torch.Tensor:
     """linear_q4's bytes (out, in / 2) as codes (out, in) uint8."""
     rows = packed.shape[0]
     pairs = torch.empty(rows, packed.shape[1] // 32, 2, Q4_BLOCK, dtype=torch.uint8, device=packed.device)
-    bytes_ = packed.view(rows, -1, 32)
+    bytes_ = untile_rows(packed, Q4_PAIR // 2).view(rows, -1, 32)
     pairs[:, :, _BLOCK, _ELEMENT] = bytes_ & 0xF
     pairs[:, :, _BLOCK, _ELEMENT + 16] = bytes_ >> 4
     return pairs.reshape(rows, -1)
+
+
+def q4_block_parts(codes: torch.Tensor, scales: torch.Tensor,
+                   offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """linear_q4's parts in the rows' order: codes (out, padded_in) uint8, fp16 scales and offsets (out, blocks)."""
+    return from_q4_layout(codes), untile_rows(scales, 2), untile_rows(offsets, 2)
 
 
 def quantized_input(x: torch.Tensor, padded: int, norm: torch.Tensor | None = None,
@@ -165,7 +200,8 @@ def linear_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offset
     `fused_output` applies them."""
     out_features = codes.shape[0]
     quantized, xf = quantized_input(x, codes.shape[1] * 2, norm, eps)
-    weight = (from_q4_layout(codes).float().view(out_features, -1, Q4_BLOCK) * scales.float()[..., None])
+    codes, scales, offsets = q4_block_parts(codes, scales, offsets)
+    weight = (codes.float().view(out_features, -1, Q4_BLOCK) * scales.float()[..., None])
     y = quantized.flatten(-2) @ weight.view(out_features, -1).T + xf.sum(-1) @ offsets.float().T
     return fused_output(y, residual, gated, x.dtype)
 
@@ -197,7 +233,14 @@ def q4_parts(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, gro
     scale16 = scale.half()
     mean_codes = codes.float().view(rows, -1, Q4_BLOCK).mean(-1)
     offset16 = (offset + (scale - scale16.float()) * mean_codes).half()
-    return to_q4_layout(codes), scale16, offset16
+    return q4_kernel_parts(codes, scale16, offset16)
+
+
+def q4_kernel_parts(codes: torch.Tensor, scales: torch.Tensor,
+                    offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`q4_block_parts` undone: linear_q4's parts, tiled, from codes (out, padded_in) and fp16 scales and offsets
+    (out, blocks) in the rows' order."""
+    return to_q4_layout(codes), tile_rows(scales, 2), tile_rows(offsets, 2)
 
 
 class KernelLinear:
@@ -285,8 +328,9 @@ class Int8DynActAsymInt4Linear(KernelLinear, QuantizedModule):
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.packed:
-            codes = from_q4_layout(self.q4_codes).float().view(self.out_features, -1, Q4_BLOCK)
-            grouped = codes * self.q4_scales.float()[..., None] + self.q4_offsets.float()[..., None]
+            codes, scales, offsets = q4_block_parts(self.q4_codes, self.q4_scales, self.q4_offsets)
+            grouped = (codes.float().view(self.out_features, -1, Q4_BLOCK) * scales.float()[..., None]
+                       + offsets.float()[..., None])
         else:  # scale·c + offset in float32, the order gguf's Q4_1 dequantizer computes in
             grouped = group_view(self.codes(), self.group_size) * self.scale.float()[..., None] + self.offset.float()[
                 ..., None]
@@ -307,7 +351,9 @@ class Int8DynActAsymInt4Linear(KernelLinear, QuantizedModule):
         if fused is None or any(m.quantize_activations != first.quantize_activations for m in modules):
             return None
         fused.quantize_activations = first.quantize_activations
-        fused.q4_codes, fused.q4_scales, fused.q4_offsets = map(torch.cat, zip(*(m.kernel_parts() for m in modules)))
+        # stacked in the rows' order and tiled again (a module's rows need not fill its last tile)
+        rows = map(torch.cat, zip(*(q4_block_parts(*m.kernel_parts()) for m in modules)))
+        fused.q4_codes, fused.q4_scales, fused.q4_offsets = q4_kernel_parts(*rows)
         fused.qdata = fused.scale = fused.offset = None
         return fused
 

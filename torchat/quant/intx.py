@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchat.quant.asym4 import KERNEL_ORDER, Q4_PAIR, KernelLinear, fused_output, quantized_input
+from torchat.quant.asym4 import (KERNEL_ORDER, Q4_PAIR, KernelLinear, fused_output, quantized_input, tile_rows,
+                                 untile_rows)
 from torchat.quant.base import (QuantizedModule, concatenated_intx, group_view, pack_nibbles, pad_columns, padded_size,
                                 unpack_nibbles)
 
@@ -34,14 +35,14 @@ _OPS.define(f"linear_q8.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 def to_q8_layout(codes: torch.Tensor) -> torch.Tensor:
     """int8 weights (out, in), in a multiple of 64, in linear_q8's byte order (each pair of blocks of 32 in the
-    order of the kernels' activations, asym4.KERNEL_ORDER)."""
-    return codes.view(codes.shape[0], -1, Q4_PAIR)[:, :, KERNEL_ORDER].reshape(codes.shape).contiguous()
+    order of the kernels' activations, asym4.KERNEL_ORDER; the rows tiled, asym4.tile_rows)."""
+    return tile_rows(codes.view(codes.shape[0], -1, Q4_PAIR)[:, :, KERNEL_ORDER].reshape(codes.shape), Q4_PAIR)
 
 
 def from_q8_layout(weight: torch.Tensor) -> torch.Tensor:
     """linear_q8's bytes (out, padded_in) back in the elements' order."""
     codes = torch.empty_like(weight).view(weight.shape[0], -1, Q4_PAIR)
-    codes[:, :, KERNEL_ORDER] = weight.view(weight.shape[0], -1, Q4_PAIR)
+    codes[:, :, KERNEL_ORDER] = untile_rows(weight, Q4_PAIR).view(weight.shape[0], -1, Q4_PAIR)
     return codes.view(weight.shape)
 
 
@@ -295,7 +296,10 @@ class Int8DynActInt8Linear(KernelLinear, Int8DynActInt4Linear):
     def concatenated(cls, modules: list) -> "Int8DynActInt8Linear | None":
         fused = cls._stacked_shell(modules)
         if fused is not None:
-            fused.q8_weight, fused.q8_scales = map(torch.cat, zip(*(m.kernel_parts() for m in modules)))
+            # stacked in the rows' order and tiled again (a module's rows need not fill its last tile)
+            weight, fused.q8_scales = map(torch.cat, zip(*((from_q8_layout(w), s) for w, s in
+                                                          (m.kernel_parts() for m in modules))))
+            fused.q8_weight = to_q8_layout(weight)
             fused.qdata = fused.scale = fused.zero_point = None
         return fused
 
