@@ -29,8 +29,14 @@ std::string error_name(Error error) {
 
 class ETModel : public Model {
  public:
-  explicit ETModel(const std::string& path) : path_(path), module_(path, Module::LoadMode::MmapUseMlockIgnoreErrors) {
-    Error loaded = module_.load_method("forward");
+  // share_memory_arenas: a .pte's forward methods write one KV cache (torchat/lowering/et.py lower_et)
+  explicit ETModel(const std::string& path)
+      : path_(path), module_(path, Module::LoadMode::MmapUseMlockIgnoreErrors, nullptr, nullptr, nullptr, true) {
+    // forward_last: the last position's logits only, so a prompt skips the output layer for the others; a .pte
+    // exported before it has forward alone
+    auto names = module_.method_names();
+    method_ = names.ok() && names->count("forward_last") ? "forward_last" : "forward";
+    Error loaded = module_.load_method(method_);
     if (loaded != Error::Ok)
       throw RunnerError(path + ": ExecuTorch cannot load it (" + error_name(loaded) +
                         "); re-export it with `torchat export --output-pte-path`");
@@ -52,19 +58,20 @@ class ETModel : public Model {
     for (size_t i = 0; i < positions.size(); ++i) positions[i] = start_pos + static_cast<int64_t>(i);
     auto input = executorch::extension::from_blob(ids.data(), {1, n}, executorch::aten::ScalarType::Long);
     auto pos = executorch::extension::from_blob(positions.data(), {n}, executorch::aten::ScalarType::Long);
-    auto result = module_.forward({EValue(input), EValue(pos)});
+    auto result = module_.execute(method_, {EValue(input), EValue(pos)});
     if (!result.ok()) throw RunnerError(path_ + ": forward failed (" + error_name(result.error()) + ")");
-    const auto& logits = result->at(0).toTensor();  // (1, n, vocab) float32
+    const auto& logits = result->at(0).toTensor();  // (1, n or 1, vocab) float32
     if (logits.scalar_type() != executorch::aten::ScalarType::Float)
       throw RunnerError(path_ + ": logits are not float32; this runner reads fp32 programs");
     auto vocab = static_cast<size_t>(logits.size(2));
-    const float* last = logits.const_data_ptr<float>() + static_cast<size_t>(n - 1) * vocab;
+    const float* last = logits.const_data_ptr<float>() + static_cast<size_t>(logits.size(1) - 1) * vocab;
     return std::vector<float>(last, last + vocab);
   }
 
  private:
   std::string path_;
   Module module_;
+  std::string method_;
 };
 
 }  // namespace

@@ -28,6 +28,10 @@ METADATA_VERSION = 1
 PT2_METADATA_FILE = "torchat.json"  # in the package's extra/ directory
 DSO_TRAILER_MAGIC = b"TORCHAT1"
 PTE_METADATA_METHOD = "get_torchat_metadata"
+# an artifact's forward methods -> whether it returns the last position's logits only. A .pte has both, on one KV
+# cache (generation calls forward_last: a prompt's other positions skip the output layer; evaluation forward); an
+# AOTI artifact, and a .pte exported before forward_last, forward alone (the loader slices its logits)
+FORWARD_METHODS = {"forward": False, "forward_last": True}
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def _read_dso_metadata(path: Path) -> str:
 
 
 def _read_pte_metadata(path: Path) -> str:
-    return str(_load_pte_module(path).run_method(PTE_METADATA_METHOD, ())[0])
+    return str(_load_pte_program(path).load_method(PTE_METADATA_METHOD)(())[0])
 
 
 _METADATA_READERS = {".pt2": _read_pt2_metadata, ".so": _read_dso_metadata, ".pte": _read_pte_metadata}
@@ -121,7 +125,7 @@ class ExportedModel:
         self.max_seq_len = metadata.max_seq_len
         self.device = device
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         seq = tokens.shape[1]
         if tokens.shape[0] != 1 or input_pos.shape != (seq,):
             raise TorchatError(f"{self.path.name}: needs tokens (1, seq) and input_pos (seq,), got "
@@ -132,9 +136,11 @@ class ExportedModel:
                                "--max-seq-length")
         tokens = tokens.to(device=self.device, dtype=torch.long)
         input_pos = input_pos.to(device=self.device, dtype=torch.long)
-        return self._run(tokens, input_pos)
+        logits = self._run(tokens, input_pos, last_only)
+        return logits[:, -1:] if last_only else logits
 
-    def _run(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """The logits: every position's, or where the artifact has a method for it and last_only asks, the last's."""
         raise NotImplementedError
 
 
@@ -146,7 +152,7 @@ class AOTIPackageModel(ExportedModel):
         self._runner = torch._inductor.aoti_load_package(str(path), device_index=index)
 
     @torch.inference_mode()
-    def _run(self, tokens, input_pos):
+    def _run(self, tokens, input_pos, last_only):
         return self._runner(tokens, input_pos)
 
 
@@ -160,17 +166,22 @@ class AOTIDsoModel(ExportedModel):
             self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
 
     @torch.inference_mode()
-    def _run(self, tokens, input_pos):
+    def _run(self, tokens, input_pos, last_only):
         return self._runner.run([tokens, input_pos])[0]
 
 
 class ExecuTorchModel(ExportedModel):
     def __init__(self, path: Path, metadata: ArtifactMetadata):
         super().__init__(path, metadata, torch.device("cpu"))
-        self._module = _load_pte_module(path)
+        # the pybindings' Program API: its methods share their memory arenas, so forward and forward_last write one
+        # KV cache (their Module API gives each method its own)
+        self._program = _load_pte_program(path)
+        names = {self._program.get_method_name(i) for i in range(self._program.num_methods())}
+        self._methods = {last: self._program.load_method(name) for name, last in FORWARD_METHODS.items()
+                         if name in names}
 
-    def _run(self, tokens, input_pos):
-        return self._module.forward((tokens, input_pos))[0]
+    def _run(self, tokens, input_pos, last_only):
+        return self._methods.get(last_only, self._methods[False])((tokens, input_pos))[0]
 
 
 def _artifact_device(path: Path, metadata: ArtifactMetadata) -> torch.device:
@@ -190,13 +201,13 @@ def load_llm_ops() -> None:
     load_pte_runtime()
 
 
-def _load_pte_module(path: Path):
+def _load_pte_program(path: Path):
     # the runtime and the kernel libraries only: running needs none of the export forms load_llm_ops registers
     from torchat.kernels import load_pte_runtime
 
     runtime = load_pte_runtime()
     try:
-        return runtime._load_for_executorch(str(path))
+        return runtime._load_program(str(path))
     except RuntimeError as error:
         raise TorchatError(f"{path}: ExecuTorch cannot load it ({error}); re-export it with this torchat") from None
 

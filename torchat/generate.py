@@ -20,8 +20,9 @@ class TextModel(Protocol):
     max_seq_len: int  # positions 0 .. max_seq_len-1 fit in the cache
     device: torch.device
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """tokens (1, seq) int64, input_pos (seq,) int64 -> logits (1, seq, vocab) float32."""
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """tokens (1, seq) int64, input_pos (seq,) int64 -> logits (1, seq, vocab) float32; with last_only the last
+        position's (1, 1, vocab), which generation asks for (a prompt's other positions need no output layer)."""
 
 
 class EagerModel:
@@ -48,9 +49,9 @@ class EagerModel:
             self.model.setup_caches(1, positions)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         run = self._decode if tokens.shape[1] == 1 else self._prefill
-        return run(tokens, input_pos)
+        return run(tokens, input_pos, last_only=last_only)
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,12 @@ def prefill(model: TextModel, prompt: list[int], start_pos: int) -> torch.Tensor
     """Run the whole prompt in one call; logits (vocab,) of its last position."""
     tokens = torch.tensor([prompt], dtype=torch.long, device=model.device)
     input_pos = torch.arange(start_pos, start_pos + len(prompt), device=model.device)
-    return model.forward(tokens, input_pos)[0, -1]
+    return model.forward(tokens, input_pos, last_only=True)[0, -1]
 
 
 def decode_one_token(model: TextModel, token: int, pos: int) -> torch.Tensor:
     tokens = torch.tensor([[token]], dtype=torch.long, device=model.device)
-    return model.forward(tokens, torch.tensor([pos], device=model.device))[0, -1]
+    return model.forward(tokens, torch.tensor([pos], device=model.device), last_only=True)[0, -1]
 
 
 def generate(model: TextModel, prompt: list[int], max_new_tokens: int, sampling: Sampling,

@@ -212,8 +212,10 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
         self.cache_len = 0
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (batch, seq) at positions input_pos (seq,) -> logits (batch, seq, vocab).
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) at positions input_pos (seq,) -> logits (batch, seq, vocab), or with last_only the
+        last position's (batch, 1, vocab): a prompt then skips the output layer for every other position.
 
         With caches set up, attention covers the whole cache under a causal mask built from input_pos, so
         one call prefills a prompt and the next decodes one token. Without caches it is a plain causal pass.
@@ -232,6 +234,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, input_pos, mask, attend)
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
     def _attended_slots(self, input_pos: torch.Tensor):

@@ -29,7 +29,8 @@ class PeerModel:
     weight_bytes: int
     artifact_bytes: int
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """The last position's logits (1, 1, vocab), whatever last_only asks: a peer runs generation only."""
         raise NotImplementedError
 
 
@@ -74,7 +75,7 @@ class LlamaCppModel(PeerModel):
                        f"{facts['head_type']})", "precision": facts["precision"], "dtype": facts["ggml_type"],
                        "model": Path(gguf).name, "peer_version": llama_cpp.__version__}
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         start = int(input_pos[0])
         if start == 0:
             self._llm.reset()
@@ -110,7 +111,7 @@ class TransformersModel(PeerModel):
                        "peer_version": transformers.__version__}
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         from transformers import DynamicCache
 
         if int(input_pos[0]) == 0:

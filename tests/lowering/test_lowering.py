@@ -55,6 +55,31 @@ def test_prefill_and_decode_match_eager(tiny_artifacts, suffix):
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
+def test_last_position_logits_share_the_cache(tiny_artifacts, suffix):
+    """Generation's calls (last_only: a .pte's forward_last method, the others' logits sliced) between evaluation's
+    (every position's: forward) on one KV cache, prompts and decode steps alike: each call's logits are the eager
+    model's. A .pte's two methods share the cache: one with a cache of its own would miss the other's positions."""
+    exported, eager = load_exported(tiny_artifacts[suffix]), eager_model()
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, TINY_CHECKPOINT_ARGS["vocab_size"], (1, 20), generator=generator)
+    steps = steps_from(0, ids[:, :9], [5, 17]) + [(ids[:, 11:16], torch.arange(11, 16)), (ids[:, 16:17],
+                                                                                       torch.tensor([16]))]
+    with torch.inference_mode():
+        for i, (tokens, positions) in enumerate(steps):
+            last_only = i % 2 == 0
+            got = exported.forward(tokens, positions, last_only=last_only)
+            expected = eager.forward(tokens, positions)
+            expected = expected[:, -1:] if last_only else expected
+            assert got.shape == expected.shape, (i, suffix)
+            assert (got - expected).abs().max() <= 1e-4, (i, suffix)
+    if suffix == ".pte":
+        from torchat.kernels import load_pte_runtime
+
+        program = load_pte_runtime()._load_program(str(tiny_artifacts[suffix]))
+        assert {"forward", "forward_last"} <= {program.get_method_name(i) for i in range(program.num_methods())}
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
 def test_greedy_tokens_match_eager(tiny_artifacts, suffix):
     prompt = [11, 250, 3, 42]
     eager = list(generate(eager_model(), prompt, 40, Sampling()))
@@ -127,10 +152,11 @@ def test_wrong_lowering_fails_the_export_and_publishes_nothing(tmp_path, monkeyp
     """A lowering that runs but computes something else (here: weights scaled) must not be published."""
     pte = LOWERINGS[".pte"]
 
-    def wrong_lower(program, metadata, output):
-        program.state_dict["norm.weight"] = torch.nn.Parameter(program.state_dict["norm.weight"] * 1.5,
-                                                               requires_grad=False)
-        pte.lower(program, metadata, output)
+    def wrong_lower(programs, metadata, output):
+        for program in programs.values():
+            program.state_dict["norm.weight"] = torch.nn.Parameter(program.state_dict["norm.weight"] * 1.5,
+                                                                   requires_grad=False)
+        pte.lower(programs, metadata, output)
 
     monkeypatch.setitem(LOWERINGS, ".pte", dataclasses.replace(pte, lower=wrong_lower))
     model = tiny_transformer()

@@ -1,15 +1,18 @@
 """Lowering: a (possibly quantized) Transformer exported once, compiled by a backend, checked, then published.
 
-    LOWERINGS[suffix] -> Lowering(backend, lower(program, metadata, output), attention)
+    LOWERINGS[suffix] -> Lowering(backend, lower(programs, metadata, output), attention, methods)
     export_model(model, Path("m.pte"), max_seq_len=..., dtype="fp32") -> ExportReport
 
 One exported forward serves prefill and decode: tokens (1, S) at positions (S,) with S dynamic in 1..max_seq_len,
-the static KV cache as mutable buffers inside the artifact. Every export ends with a logits check against the
+the static KV cache as mutable buffers inside the artifact. A .pte holds it twice on one cache, as forward (every
+position's logits) and forward_last (the last position's: generation's prefill skips the output layer for the
+others; torchat.exported.FORWARD_METHODS). Every export ends with a logits check against the
 eager model (prefill + 2 decode steps); a mismatch fails the export and nothing is published. The artifact is
 built under a temporary name beside the output and renamed into place (torchat.publish). Which dtypes and devices a
 backend takes is torchat.vocabulary's.
 """
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -23,7 +26,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from torchat.errors import TorchatError, unknown_key_error
-from torchat.exported import ArtifactMetadata
+from torchat.exported import FORWARD_METHODS, ArtifactMetadata
 from torchat.lowering.parity import TOLERANCES, ParityReport, Tolerance, check_parity
 from torchat.model import Transformer
 from torchat.publish import publish_file
@@ -35,12 +38,15 @@ TOOLCHAIN = ("torch", "torchao", "executorch")
 @dataclass(frozen=True)
 class Lowering:
     backend: Backend
-    lower: Callable[[ExportedProgram, ArtifactMetadata, Path], None]
+    # (method name -> its exported program, metadata, output path): writes the artifact
+    lower: Callable[[dict[str, ExportedProgram], ArtifactMetadata, Path], None]
     # model (caches set up) -> a context manager that adapts its caches and attention to the backend for the export
     attention: Callable | None = None
     # model -> the dtype of the artifact's KV cache where it differs from the model's (the parity check's eager
     # reference keeps the same one, so that it compares the lowering, not fp16's rounding of keys and values)
     cache_dtype: Callable | None = None
+    # the forward methods it builds (torchat.exported.FORWARD_METHODS)
+    methods: tuple[str, ...] = ("forward",)
 
     @property
     def dtypes(self) -> tuple[Dtype, ...]:
@@ -63,7 +69,7 @@ LOWERINGS = {
     ".so": Lowering(ARTIFACT_SUFFIXES[".so"], _lazy("torchat.lowering.aoti", "lower_aoti_dso")),
     ".pte": Lowering(ARTIFACT_SUFFIXES[".pte"], _lazy("torchat.lowering.et", "lower_et"),
                      attention=_lazy("torchat.lowering.et", "llm_attention"),
-                     cache_dtype=_lazy("torchat.lowering.et", "cache_dtype")),
+                     cache_dtype=_lazy("torchat.lowering.et", "cache_dtype"), methods=tuple(FORWARD_METHODS)),
 }
 
 
@@ -106,10 +112,13 @@ def check_supported(lowering: Lowering, dtype: str, device: str, quant_specs: li
         backend_support(quant_specs, lowering.backend)
 
 
-def export_forward(model: Transformer, max_seq_len: int, attention: Callable | None = None) -> ExportedProgram:
+def export_forward(model: Transformer, max_seq_len: int, attention: Callable | None = None,
+                   last_only: bool = False) -> ExportedProgram:
     """The forward with a dynamic sequence length 1..max_seq_len and the KV cache as mutable buffers.
 
-    attention: a backend's model -> context manager that swaps in its own cache and attention.
+    attention: a backend's model -> context manager that swaps in its own cache and attention. last_only: the
+    program returns the last position's logits only (the model's buffers keep their names, so that two programs of
+    one model can share their caches).
     The example prompt has S=2: an example of S=1 would specialize the dimension (0/1 specialization), and the
     tokens and the positions must share one Dim for the index_put into the cache to stay dynamic.
     """
@@ -118,8 +127,13 @@ def export_forward(model: Transformer, max_seq_len: int, attention: Callable | N
     seq = Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
     # under no_grad: ExecuTorch rejects an in-place cache write into a leaf that requires grad
-    with torch.no_grad(), (attention or _model_attention)(model):
-        return torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+    # last_only as a constant of the trace, not an input of the program
+    model.forward = functools.partial(type(model).forward, model, last_only=last_only)
+    try:
+        with torch.no_grad(), (attention or _model_attention)(model):
+            return torch.export.export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+    finally:
+        del model.forward
 
 
 @contextmanager
@@ -153,9 +167,10 @@ def export_model(model: Transformer, output: Path, *, max_seq_len: int, dtype: s
     # publish_file's temporary keeps the final file name: a .pt2 archive is rooted at its file's stem
     with publish_file(output) as scratch:
         start = time.perf_counter()
-        program = export_forward(model, max_seq_len, lowering.attention)
+        programs = {name: export_forward(model, max_seq_len, lowering.attention, FORWARD_METHODS[name])
+                    for name in lowering.methods}
         exported_at = time.perf_counter()
-        lowering.lower(program, metadata, scratch)
+        lowering.lower(programs, metadata, scratch)
         lowered_at = time.perf_counter()
         tolerance = tolerance or TOLERANCES[(dtype, bool(metadata.quant))]
         parity = check_parity(model, scratch, tolerance, max_seq_len,

@@ -79,10 +79,12 @@ def _strip_build_paths(source: Path, scratch: Path) -> None:
     source.write_text(code + "\n" if marker else code)
 
 
-def lower_aoti_package(program: ExportedProgram, metadata: ArtifactMetadata, output: Path) -> None:
-    """Compile `program` into the AOTI package `output` (.pt2), the metadata as its extra file torchat.json."""
+def lower_aoti_package(programs: dict[str, ExportedProgram], metadata: ArtifactMetadata, output: Path) -> None:
+    """Compile the forward program into the AOTI package `output` (.pt2), the metadata as its extra file
+    torchat.json."""
     from torch.export.pt2_archive._package import package_pt2
 
+    program = programs["forward"]
     example = program.example_inputs[0]
     with tempfile.TemporaryDirectory(prefix="torchat-aoti-") as scratch:
         scratch = Path(scratch).resolve()
@@ -98,8 +100,9 @@ def lower_aoti_package(program: ExportedProgram, metadata: ArtifactMetadata, out
                     extra_files={PT2_METADATA_FILE: metadata.to_json()})
 
 
-def lower_aoti_dso(program: ExportedProgram, metadata: ArtifactMetadata, output: Path) -> None:
-    """Compile `program` into one self-contained shared library `output` (.so), weights inside."""
+def lower_aoti_dso(programs: dict[str, ExportedProgram], metadata: ArtifactMetadata, output: Path) -> None:
+    """Compile the forward program into one self-contained shared library `output` (.so), weights inside."""
+    program = programs["forward"]
     example = program.example_inputs[0]
     with tempfile.TemporaryDirectory(prefix="torchat-aoti-") as scratch:
         scratch = Path(scratch).resolve()

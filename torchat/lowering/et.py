@@ -258,15 +258,19 @@ def constant_methods(metadata: ArtifactMetadata) -> dict:
     return methods
 
 
-def lower_et(program: ExportedProgram, metadata: ArtifactMetadata, output: Path) -> None:
-    """Lower `program` to an XNNPACK-delegated ExecuTorch program `output` (.pte)."""
+def lower_et(programs: dict[str, ExportedProgram], metadata: ArtifactMetadata, output: Path) -> None:
+    """Lower the programs (method name -> program) to one XNNPACK-delegated ExecuTorch program `output` (.pte):
+    their weights stored once (ExecuTorch's emitter shares equal constants), their KV caches shared (one buffer per
+    name across the methods, which the runtime's Program API and runner-et's Module keep in one arena)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
 
     with torch.no_grad():
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+        edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                            constant_methods=constant_methods(metadata))
-        executorch_program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,
-                                                                        do_quant_fusion_and_const_prop=True))
+        config = ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+                                         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True))
+        executorch_program = edge.to_executorch(config)
     Path(output).write_bytes(executorch_program.buffer)

@@ -141,9 +141,11 @@ class LeaderModel:
         if seq > 1:
             run_collective(dist.broadcast, torch.cat([tokens[0].cpu(), input_pos.cpu()]), 0, group=self.control)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         self._send(_FORWARD, tokens, input_pos)
-        return run_collective(self.inner.forward, tokens, input_pos)
+        # every rank runs the same graph (the followers know no last_only): the slice is rank 0's own
+        logits = run_collective(self.inner.forward, tokens, input_pos)
+        return logits[:, -1:] if last_only else logits
 
     def close(self) -> None:
         """Tell the followers to leave (at exit, also after an error)."""
