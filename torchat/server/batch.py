@@ -35,9 +35,11 @@ def _cache_rows(buffer: torch.Tensor, rows: list[int], attend: int) -> torch.Ten
 
 
 @torch.inference_mode()
-def forward_rows(model, tokens: torch.Tensor, positions: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def forward_rows(model, tokens: torch.Tensor, positions: torch.Tensor, rows: list[int],
+                 last_only: bool = False) -> torch.Tensor:
     """tokens (batch, seq) at positions (batch, seq) (ascending within a row) written into cache rows `rows` ->
-    logits (batch, seq, vocab) float32. The model's caches must be set up with at least max(rows)+1 rows.
+    logits (batch, seq, vocab) float32, or with last_only the last position's (batch, 1, vocab). The model's caches
+    must be set up with at least max(rows)+1 rows.
 
     Torchat.model.Transformer.forward with one position vector per row: each row attends over its own cache row
     up to its own position; rows with shorter contexts see the extra slots masked out.
@@ -74,6 +76,8 @@ def forward_rows(model, tokens: torch.Tensor, positions: torch.Tensor, rows: lis
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=heads != kv_heads)
         h = h + attention.wo(y.type_as(x).transpose(1, 2).reshape(batch, seq, -1))
         h = h + layer.feed_forward(layer.ffn_norm(h))
+    if last_only:
+        h = h[:, -1:]
     return model.output(model.norm(h)).float()
 
 
@@ -108,7 +112,7 @@ class BatchedSlots(Slots):
     def prefill(self, slot, tokens, start):
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(tokens), device=self.device)[None]
-        return forward_rows(self.model, ids, positions, [slot])[0, -1]
+        return forward_rows(self.model, ids, positions, [slot], last_only=True)[0, -1]
 
     def decode(self, slots, tokens, positions):
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
