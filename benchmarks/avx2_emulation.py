@@ -105,14 +105,15 @@ AVX512_REGISTERS = re.compile(r"%zmm|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|%k[1-7]\b")
 
 
 def build_kernels_avx2(env: dict) -> None:
-    """torchat's attention kernel built for x86-64-v3 (the measurement processes then find it in the cache),
-    checked to use no AVX-512 register."""
-    library = subprocess.run([sys.executable, "-c", "from torchat.kernels import et_kernels_library as k; print(k())"],
-                             env=env, capture_output=True, text=True, check=True).stdout.strip()
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
-                             check=True).stdout
-    if AVX512_REGISTERS.search(listing):
-        raise SystemExit(f"{library}: uses AVX-512 registers though built with TORCHAT_KERNEL_MARCH=x86-64-v3")
+    """torchat's kernel libraries (ExecuTorch's and torch's) built for x86-64-v3 (the measurement processes then find
+    them in the cache), checked to use no AVX-512 register."""
+    for builder in ("et_kernels_library", "torch_kernels_library"):
+        library = subprocess.run([sys.executable, "-c", f"from torchat.kernels import {builder} as k; print(k())"],
+                                 env=env, capture_output=True, text=True, check=True).stdout.strip()
+        listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
+                                 check=True).stdout
+        if AVX512_REGISTERS.search(listing):
+            raise SystemExit(f"{library}: uses AVX-512 registers though built with TORCHAT_KERNEL_MARCH=x86-64-v3")
 
 
 def emulation_environment(hook_dir: Path) -> dict:

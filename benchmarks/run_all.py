@@ -34,6 +34,8 @@ ROWS = {
     "int4-compile": ("int4-eager", "compile", None),
     "int4-aoti": ("int4-aoti", "aoti", None),
     "int4-aoti-512": ("int4-aoti", "aoti", 512),
+    "int4-fp32-aoti": ("int4-fp32-aoti", "aoti", None),
+    "8da4w-aoti": ("8da4w-fp32-aoti", "aoti", None),
     "8da4w-et": ("8da4w-et", "et", None),
     "8da4w-et-512": ("8da4w-et", "et", 512),
     "8da8w-et": ("8da8w-et", "et", None),

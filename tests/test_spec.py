@@ -71,8 +71,8 @@ def test_parsed_fields(real):
                          "stories42M"),
     ("SmolLM2-135M-int4-aoti", "unknown model 'SmolLM2-135M'"),  # no fuzzy matching, not even case
     ("smollm2-135m-int4-fp8-aoti", "unknown quant preset 'fp8'"),
-    ("smollm2-135m-int4-et", "quant preset 'int4' is refused for backend et (linear:int4: the int4 tinygemm kernel "
-                             "(aten._weight_int4pack_mm_for_cpu) has no ExecuTorch kernel"),
+    ("smollm2-135m-int4-et", "quant preset 'int4' is refused for backend et (linear:int4: int4 weight-only's kernel "
+                             "(torchat::linear_w4 on CPU) has no ExecuTorch kernel"),
     ("smollm2-135m-8da4w-bf16-et", "backend et does not take dtype bf16; choose one of: fp32"),
     ("int4-aoti", "expected a model and a quant preset before the backend"),
 ])

@@ -144,10 +144,20 @@ class ExportedModel:
         raise NotImplementedError
 
 
+def _load_kernels_for(metadata: ArtifactMetadata) -> None:
+    """A quantized CPU artifact may call torchat's linear ops (8da4w, 8da8w: torchat/kernels/torch_linear.cpp),
+    which AOTI's proxy executor finds in torch's dispatcher: registered before the artifact loads."""
+    if metadata.device == "cpu" and metadata.quant:
+        from torchat.kernels import load_torch_kernels
+
+        load_torch_kernels()
+
+
 class AOTIPackageModel(ExportedModel):
     def __init__(self, path: Path, metadata: ArtifactMetadata):
         device = _artifact_device(path, metadata)
         super().__init__(path, metadata, device)
+        _load_kernels_for(metadata)
         index = device.index if device.index is not None else -1
         self._runner = torch._inductor.aoti_load_package(str(path), device_index=index)
 
@@ -160,6 +170,7 @@ class AOTIDsoModel(ExportedModel):
     def __init__(self, path: Path, metadata: ArtifactMetadata):
         device = _artifact_device(path, metadata)
         super().__init__(path, metadata, device)
+        _load_kernels_for(metadata)
         if device.type == "cuda":
             self._runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, str(device))
         else:

@@ -135,10 +135,16 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
-        batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        return self.wo(self.attend(self.wq(x), self.wk(x), self.wv(x), cos, sin, input_pos, mask, attend))
+
+    def attend(self, q, k, v, cos, sin, input_pos, mask, attend=None):
+        """The projections' outputs (batch, seq, heads · head_dim) -> the heads' attention output, in the same shape
+        as q (RoPE applied, the cache written where there is one)."""
+        batch, seq, _ = q.shape
+        dtype = q.dtype
+        q = q.view(batch, seq, self.n_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         if self.kv_cache is not None:
@@ -148,7 +154,7 @@ class Attention(nn.Module):
             # torch's CPU attention kernel runs bf16/fp16 ~10x slower than fp32 (benchmarks/results/bench.md)
             q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(y.type_as(x).transpose(1, 2).reshape(batch, seq, -1))
+        return y.to(dtype).transpose(1, 2).reshape(batch, seq, -1)
 
 
 class FeedForward(nn.Module):

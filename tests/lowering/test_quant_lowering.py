@@ -20,8 +20,9 @@ SUPPORTED = [
     ({"embedding": {"bitwidth": 8, "group_size": 0}}, ".pte"),
     ({"linear:8da8w": {}}, ".pte"),
     ({"linear:8da4w": {"group_size": 32}}, ".pt2"),
-    ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}, ".pt2"),  # torchat::linear_q4's torch form
-    ({"linear:int4": {"group_size": 32}}, ".pt2"),
+    ({"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}, ".pt2"),  # torchat::linear_q4, C shim
+    ({"linear:int4": {"group_size": 32}}, ".pt2"),  # torchat::linear_w4, C shim
+    ({"linear:int4": {"group_size": 32}}, ".so"),
 ]
 
 
@@ -48,8 +49,8 @@ def test_quantized_artifact_reproduces_eager_quantized(tiny_artifacts, quant, su
         for tokens, positions in steps:
             expected, got = eager.forward(tokens, positions), exported.forward(tokens, positions)
             assert (got - expected).abs().max() <= tolerance.allowed(float(expected.abs().max()))
-    # AOTI runs the same quantized kernels as eager: the same greedy tokens (but Inductor compiles linear_q4's torch
-    # form, whose int8 rounding of the activations can land the other side of a tie: the logits bound holds it)
+    # AOTI runs the same quantized kernels as eager: the same greedy tokens (but linear_q4 rounds its input to int8,
+    # and Inductor's arithmetic around it can land a value the other side of a tie: the logits bound holds it)
     if suffix == ".pt2" and quant.get("linear:8da4w", {}).get("grid") != "asymmetric":
         assert list(generate(exported, prompt, 24, Sampling())) == eager_tokens
 
@@ -72,7 +73,7 @@ def test_weight_only_linear_to_executorch_is_refused(tiny_checkpoint, tmp_path, 
 def test_kernel_schemes_run_their_linears_on_torchats_kernels(tiny_artifacts, quant, op, head):
     """Every linear on the asymmetric 4-bit grid runs on torchat::linear_q4, every 8da8w one (the presets' 8-bit head
     too) on torchat::linear_q8, with the layer's norms, gate and residual adds fused in
-    (torchat.lowering.et.KernelBlock): four calls a layer (q, k and v as one, w1 and w3 as one) and the head, and
+    (torchat.lowering.fusion.KernelBlock): four calls a layer (q, k and v as one, w1 and w3 as one) and the head, and
     between them one torchat::attention (RoPE, the cache writes, sdpa); XNNPACK keeps what is left (the final norm)."""
     from collections import Counter
 
@@ -96,11 +97,11 @@ def test_kernel_schemes_run_their_linears_on_torchats_kernels(tiny_artifacts, qu
 @pytest.mark.parametrize("quant", [{}, {"linear:8da4w": {"group_size": 32}}, {"linear:8da8w": {}},
                                    {"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}], ids=json.dumps)
 def test_fused_qkv_projection_is_the_three_projections_side_by_side(quant):
-    """The .pte's one q/k/v GEMM (torchat.lowering.et.fused_linear) computes what wq, wk and wv compute apart:
+    """The .pte's one q/k/v GEMM (torchat.lowering.fusion.fused_linear) computes what wq, wk and wv compute apart:
     the same codes and scales, and the same activation quantization."""
     from tiny_model import tiny_transformer
 
-    from torchat.lowering.et import fused_linear
+    from torchat.lowering.fusion import fused_linear
 
     model = tiny_transformer()
     if quant:

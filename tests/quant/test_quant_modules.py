@@ -122,9 +122,9 @@ def _reference_block_int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make, atol", [
-    (lambda w: Int4WeightOnlyLinear.from_float(w, 32), 2e-2),
-    (lambda w: Int4WeightOnlyLinear.from_float(w, 256), 2e-2),
-    (lambda w: Int4WeightOnlyLinear.from_float(w, 64, "hqq"), 2e-2),
+    (lambda w: Int4WeightOnlyLinear.from_float(w, 32), 5e-3),
+    (lambda w: Int4WeightOnlyLinear.from_float(w, 256), 5e-3),
+    (lambda w: Int4WeightOnlyLinear.from_float(w, 64, "hqq"), 5e-3),
     (lambda w: Int8WeightOnlyLinear.from_float(w, 0), 2e-2),
     (lambda w: Int8WeightOnlyLinear.from_float(w, 128), 1e-5),
     (lambda w: Int8DynActInt4Linear.from_float(w, 32), 1e-4),
@@ -132,8 +132,9 @@ def _reference_block_int8_activations(x: torch.Tensor) -> torch.Tensor:
     (lambda w: Int8DynActInt8Linear.from_float(w), 1e-4),
 ], ids=["int4-g32", "int4-g256", "hqq-g64", "int8", "int8-g128", "8da4w-g32", "8da4w-g128", "8da8w"])
 def test_packed_kernel_matches_the_dequantized_weight(make, atol):
-    """Packed runtime (tinygemm / int8pack / torchao subclass / linear_q8) vs F.linear on dequantized weights. int4 and
-    channel-wise int8 compute in bf16 on CPU, hence their looser tolerance (output scale is about 1)."""
+    """Packed runtime (linear_w4 / int8pack / torchao subclass / linear_q8) vs F.linear on dequantized weights.
+    Channel-wise int8 computes in bf16 on CPU, hence its looser tolerance; int4's linear_w4 keeps its scales and
+    offsets in fp16 (a weight moves by up to 2^-11 of its scale) and its input in 16 bits (output scale about 4)."""
     w = weights()
     x = torch.randn(3, 5, 576, generator=torch.Generator().manual_seed(1))
     module = make(w)

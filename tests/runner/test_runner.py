@@ -134,8 +134,9 @@ def test_usage_mistakes_exit_2(runner_et, tiny_artifacts, tiny_tokenizer_bin, ar
 QUANTIZED = [(".pte", {"linear:a8w4dq": {"groupsize": 32}}),
              (".pte", {"linear:a8w4dq": {"groupsize": 32}, "embedding": {"bitwidth": 4, "groupsize": 32}}),
              (".pt2", {"linear:int8": {"bitwidth": 8, "groupsize": 0}}),
-             (".pt2", {"linear:int4": {"groupsize": 32}}),
-             (".pt2", {"linear:a8w4dq": {"groupsize": 32}})]
+             (".pt2", {"linear:int4": {"groupsize": 32}}),  # torchat::linear_w4, compiled into runner-aoti
+             (".pt2", {"linear:a8w4dq": {"groupsize": 32}}),
+             (".pt2", {"linear:a8w4dq": {"groupsize": 32, "grid": "asymmetric"}})]  # torchat::linear_q4
 
 
 @pytest.mark.slow

@@ -65,8 +65,10 @@ def _lazy(module: str, function: str):
 
 # artifact suffix -> how it is built; the suffix's backend (vocabulary.ARTIFACT_SUFFIXES) says what it takes
 LOWERINGS = {
-    ".pt2": Lowering(ARTIFACT_SUFFIXES[".pt2"], _lazy("torchat.lowering.aoti", "lower_aoti_package")),
-    ".so": Lowering(ARTIFACT_SUFFIXES[".so"], _lazy("torchat.lowering.aoti", "lower_aoti_dso")),
+    ".pt2": Lowering(ARTIFACT_SUFFIXES[".pt2"], _lazy("torchat.lowering.aoti", "lower_aoti_package"),
+                     attention=_lazy("torchat.lowering.fusion", "kernel_layers")),
+    ".so": Lowering(ARTIFACT_SUFFIXES[".so"], _lazy("torchat.lowering.aoti", "lower_aoti_dso"),
+                    attention=_lazy("torchat.lowering.fusion", "kernel_layers")),
     ".pte": Lowering(ARTIFACT_SUFFIXES[".pte"], _lazy("torchat.lowering.et", "lower_et"),
                      attention=_lazy("torchat.lowering.et", "llm_attention"),
                      cache_dtype=_lazy("torchat.lowering.et", "cache_dtype"), methods=tuple(FORWARD_METHODS)),

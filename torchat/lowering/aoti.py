@@ -33,8 +33,19 @@ GENERATED_FILES_NAME = "model"
 _COMMAND_COMMENTS = "\n// Compile cmd\n"
 
 
+def _c_shims() -> dict:
+    """torchat's linear ops (on CPU) as direct calls of the C functions torchat/kernels/torch_linear.cpp defines,
+    rather than through the proxy executor (a lookup in torch's dispatcher per call, and a file beside the model)."""
+    import torchat.quant.asym4  # noqa: F401  (the ops' definitions)
+    import torchat.quant.intx  # noqa: F401
+    from torchat.kernels import TORCH_C_SHIMS
+
+    return {getattr(torch.ops.torchat, name).default: [declaration] for name, declaration in TORCH_C_SHIMS.items()}
+
+
 def _inductor_configs(metadata: ArtifactMetadata, scratch: Path) -> dict:
-    return {"aot_inductor.metadata": {"torchat": metadata.to_json(), "max_seq_len": str(metadata.max_seq_len),
+    return {"aot_inductor.custom_ops_to_c_shims": _c_shims(),
+            "aot_inductor.metadata": {"torchat": metadata.to_json(), "max_seq_len": str(metadata.max_seq_len),
                                       "vocab_size": str(metadata.vocab_size)},
             "aot_inductor.model_name_for_generated_files": GENERATED_FILES_NAME,
             "aot_inductor.enable_line_tables": False,

@@ -34,7 +34,8 @@ from torch.export import ExportedProgram
 
 from torchat.errors import TorchatError
 from torchat.exported import PTE_METADATA_METHOD, ArtifactMetadata
-from torchat.model import Attention, KVCache, RMSNorm, Transformer, TransformerBlock, apply_rope
+from torchat.lowering.fusion import KernelBlock, fused_linear
+from torchat.model import Attention, KVCache, RMSNorm, Transformer, apply_rope
 from torchat.quant.base import QuantizedModule
 
 _TORCHAT_OPS = torch.library.Library("torchat", "DEF")
@@ -112,19 +113,6 @@ def cache_dtype(model: Transformer) -> torch.dtype:
                           any(isinstance(module, QuantizedModule) for module in model.modules()))
 
 
-def fused_linear(linears: list[nn.Module]) -> nn.Module | None:
-    """Linears that read one input as one linear, their outputs side by side; None where their kinds differ or
-    the kind has no such form (torchat.quant.base.QuantizedModule.concatenated)."""
-    first = linears[0]
-    if any(type(m) is not type(first) for m in linears):
-        return None
-    if type(first) is nn.Linear and all(m.bias is None for m in linears):
-        fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=False, device="meta")
-        fused.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
-        return fused
-    return first.concatenated(linears) if isinstance(first, QuantizedModule) else None
-
-
 class CachedAttention(nn.Module):
     """`attention`'s projections around torchat::attention: RoPE, the in-place cache writes and a causal SDPA over
     the filled slots in one call (torchat/kernels/et_sdpa.cpp; before, a delegated RoPE, three slices, two casts and
@@ -155,45 +143,14 @@ class CachedAttention(nn.Module):
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
         return self.wo(self.attend(self.wqkv(x), cos, sin, input_pos))
 
-    def attend(self, qkv, cos, sin, input_pos):
+    def attend(self, qkv, cos, sin, input_pos, mask=None, attend=None):
         """The fused projection's output (batch, seq, (heads + 2 kv_heads) · head_dim) -> the heads' attention
-        output (batch, seq, heads · head_dim), the caches written."""
+        output (batch, seq, heads · head_dim), the caches written (over the filled slots: mask and attend, the
+        model's, are not needed)."""
         start, seq = input_pos[0].item(), qkv.shape[1]
         torch._check(start >= 0)
         torch._check(start + seq <= self.k_cache.shape[1])
         return torch.ops.torchat.attention(qkv, cos, sin, self.k_cache, self.v_cache, start)
-
-
-class KernelBlock(nn.Module):
-    """A transformer layer whose linears all run on one of torchat's kernels (8da4w on the asymmetric grid:
-    torchat::linear_q4; 8da8w: torchat::linear_q8; torchat/kernels/et_linear.cpp), as four calls with the rest of
-    the layer fused into them: the attention norm into the q/k/v projection, the residual into wo and w2, the
-    feed-forward norm and SiLU gate into w1 and w3 (one projection). Between them only the attention (RoPE, the
-    cache writes, torchat::sdpa) is left, so a decode step makes a few calls a layer where the linears apart from
-    their norms, gate and adds made fifteen (SmolLM2, AVX2-emulated: the step's time outside the linears'
-    arithmetic went to calls)."""
-
-    def __init__(self, block: TransformerBlock):
-        """block: a layer whose attention is a CachedAttention already."""
-        super().__init__()
-        self.attention, self.wo = block.attention, block.attention.wo
-        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-        feed_forward = block.feed_forward
-        self.w13, self.w2 = fused_linear([feed_forward.w1, feed_forward.w3]), feed_forward.w2
-
-    @staticmethod
-    def applies(block: TransformerBlock) -> bool:
-        attention, feed_forward = block.attention, block.feed_forward
-        linears = [attention.wqkv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3]
-        return (all(getattr(m, "runs_on_kernel", False) for m in linears)
-                and len({type(m) for m in linears}) == 1)
-
-    def forward(self, x, cos, sin, input_pos, mask, attend=None):
-        attention = self.attention
-        qkv = attention.wqkv(x, norm=self.attention_norm.weight, eps=self.attention_norm.eps)
-        h = self.wo(attention.attend(qkv, cos, sin, input_pos), residual=x)
-        gated = self.w13(h, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, gated=True)
-        return self.w2(gated, residual=h)
 
 
 class MatmulRMSNorm(RMSNorm):
@@ -226,8 +183,7 @@ def llm_attention(model: Transformer):
         for i, (block, attention, cache) in enumerate(zip(blocks, originals, caches)):
             attention.kv_cache = None  # the wrapper keeps its own caches; these would ship unused
             block.attention = CachedAttention(attention, cache, dtype)
-            if KernelBlock.applies(block):
-                model.layers[i] = KernelBlock(block)
+            model.layers[i] = KernelBlock.of(block, block.attention) or block
         for name, norm in norms.items():
             model.set_submodule(name, MatmulRMSNorm(norm))
         kernel_linears = [m for m in model.modules() if getattr(m, "runs_on_kernel", False)]

@@ -34,13 +34,16 @@ class Tolerance:
 # 6.22 (19 %); against the fp16-cache eager it is 3.6 (11 %).
 # bf16 rounds every op to 8 bits of mantissa, and a compiler that fuses ops rounds less often than eager does:
 # SmolLM2's bf16 eager model is itself 1.13 away from its fp32 self on these inputs (scale 33.5, 3.4 %), and its
-# AOTI artifact 1.19 away from bf16 eager, so bf16 gets the quantized bound of 5 % of the scale.
+# AOTI artifact 1.19 away from bf16 eager, so bf16 gets a bound of 5 % of the scale. Quantized in bf16, the
+# quantization's own rounding (of the weights, and the kernels' of the activations) joins bf16's in the cascade:
+# SmolLM2's int4 .pt2 (torchat::linear_w4) is 0.88-1.75 away from bf16 eager on four random prompts (scale 31-34,
+# up to 5.3 %), so 8 %.
 TOLERANCES = {
     ("fp32", False): Tolerance(1e-4, 1e-5),
     ("bf16", False): Tolerance(0.1, 0.05),
     ("fp16", False): Tolerance(0.05, 0.01),
     ("fp32", True): Tolerance(0.05, 0.125),
-    ("bf16", True): Tolerance(0.1, 0.05),
+    ("bf16", True): Tolerance(0.1, 0.08),
     ("fp16", True): Tolerance(0.1, 0.04),
 }
 

@@ -167,17 +167,18 @@ def q4_block_parts(codes: torch.Tensor, scales: torch.Tensor,
     return from_q4_layout(codes), untile_rows(scales, 2), untile_rows(offsets, 2)
 
 
-def quantized_input(x: torch.Tensor, padded: int, norm: torch.Tensor | None = None,
-                    eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def quantized_input(x: torch.Tensor, padded: int, norm: torch.Tensor | None = None, eps: float = 0.0,
+                    levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """The input as torchat's linear kernels take it (linear_q4 here, linear_q8 in torchat.quant.intx): x (..., in)
     RMS-normalized first where `norm` (RMSNorm's weight, with eps) is given, zero-padded to `padded` and quantized to
-    int8 per block of 32 (a = max|x| / 127, symmetric); (the quantized values, x) in float32, (..., blocks, 32)."""
+    int8 per block of 32 (a = max|x| / 127, symmetric; linear_w4: 16 bits, levels 32767); (the quantized values, x)
+    in float32, (..., blocks, 32)."""
     xf = x.float()
     if norm is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.float()
     xf = pad_columns(xf, padded).unflatten(-1, (-1, Q4_BLOCK))
     peak = xf.abs().amax(-1, keepdim=True)
-    return torch.round(xf * torch.where(peak > 0, 127.0 / peak, 0.0)) * (peak / 127.0), xf
+    return torch.round(xf * torch.where(peak > 0, levels / peak, 0.0)) * (peak / levels), xf
 
 
 def fused_output(y: torch.Tensor, residual: torch.Tensor | None, gated: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -196,10 +197,14 @@ def linear_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offset
               gated: bool = False) -> torch.Tensor:
     """torchat::linear_q4 in torch: x (..., in) quantized to int8 per block of 32 (`quantized_input`) times the
     4-bit weight scale·code (per block), plus offset times the block's float sum of x. Fused around it for a
-    transformer layer (torchat.lowering.et.KernelBlock): `norm`, x RMS-normalized first; `gated` and `residual` as
+    transformer layer (torchat.lowering.fusion.KernelBlock): `norm`, x RMS-normalized first; `gated` and `residual` as
     `fused_output` applies them."""
+    return _linear_4bit(x, codes, scales, offsets, norm, eps, residual, gated, levels=127)
+
+
+def _linear_4bit(x, codes, scales, offsets, norm, eps, residual, gated, levels: int) -> torch.Tensor:
     out_features = codes.shape[0]
-    quantized, xf = quantized_input(x, codes.shape[1] * 2, norm, eps)
+    quantized, xf = quantized_input(x, codes.shape[1] * 2, norm, eps, levels)
     codes, scales, offsets = q4_block_parts(codes, scales, offsets)
     weight = (codes.float().view(out_features, -1, Q4_BLOCK) * scales.float()[..., None])
     y = quantized.flatten(-2) @ weight.view(out_features, -1).T + xf.sum(-1) @ offsets.float().T
@@ -217,6 +222,25 @@ def _linear_q4_meta(x, codes, scales, offsets, norm=None, eps=0.0, residual=None
 _OPS.impl("linear_q4", linear_q4, "CompositeExplicitAutograd")
 _OPS.impl("linear_q4.out", _linear_q4_out, "CompositeExplicitAutograd")
 _OPS.impl("linear_q4", _linear_q4_meta, "Meta")
+
+
+# torchat::linear_w4: linear_q4's weights against the input quantized to 16 bits per block of 32, where linear_q4
+# takes 8 (int4 weight-only on CPU, torchat.quant.int4: the input's error stays below 2^-16 of its block's largest
+# value, where bf16 activations would round each to 2^-9 of itself). Its kernel is torchat/kernels/torch_linear.cpp
+# (linear_core.h's Format::w4: the two bytes of each value through the int8 dot products of linear_q4); here its
+# definition and its torch form.
+_OPS.define(f"linear_w4({_ARGS}) -> Tensor")
+
+
+def linear_w4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+              gated: bool = False) -> torch.Tensor:
+    """torchat::linear_w4 in torch: linear_q4 with the input quantized to 16 bits per block of 32."""
+    return _linear_4bit(x, codes, scales, offsets, norm, eps, residual, gated, levels=32767)
+
+
+_OPS.impl("linear_w4", linear_w4, "CompositeExplicitAutograd")
+_OPS.impl("linear_w4", _linear_q4_meta, "Meta")
 
 
 def q4_parts(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
@@ -243,12 +267,23 @@ def q4_kernel_parts(codes: torch.Tensor, scales: torch.Tensor,
     return to_q4_layout(codes), tile_rows(scales, 2), tile_rows(offsets, 2)
 
 
+def load_cpu_kernels(device) -> None:
+    """torch's CPU kernels of torchat's linear ops (torchat.kernels.load_torch_kernels), once, for a layer packed or
+    run on CPU: at pack time too, so that a model torch.compile traces (which loads nothing) finds them registered.
+    A trace itself (export, Dynamo) needs the ops' schemas only."""
+    if torch.device(device).type == "cpu" and not torch.compiler.is_compiling():
+        from torchat.kernels import load_torch_kernels
+
+        load_torch_kernels()
+
+
 class KernelLinear:
     """What a linear on one of torchat's kernels shares (here linear_q4; torchat.quant.intx's 8da8w, linear_q8):
     `op`, the op's name under torch.ops.torchat, `torch_form`, its reference in torch, and `kernel_parts()`, the
-    weight tensors it takes after x. forward calls the op itself (a .pte's kernel) while `kernel` is set
-    (torchat.lowering.et sets it while it exports, `set_kernel`), else its torch form, which eager runs and AOTI
-    compiles like any other torch code."""
+    weight tensors it takes after x. forward calls the op itself while `kernel` is set (torchat.lowering.et sets it
+    while it exports a .pte, `set_kernel`) or on CPU, where torch runs the op's C++ kernel (the .pte kernel's
+    arithmetic, torchat/kernels/torch_linear.cpp: eager, and the .pt2 AOTI compiles, which calls it); elsewhere (CUDA)
+    its torch form, which eager runs and AOTI compiles like any other torch code."""
 
     op: str
     torch_form = None
@@ -261,8 +296,10 @@ class KernelLinear:
         self.kernel = on
 
     def run_kernel(self, x: torch.Tensor, **fused) -> torch.Tensor:
-        """fused: the ops' norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.KernelBlock)."""
-        op = getattr(torch.ops.torchat, self.op) if self.kernel else self.torch_form
+        """fused: the ops' norm, eps, residual and gated (a .pte's layer, torchat.lowering.fusion.KernelBlock)."""
+        on_cpu = x.device.type == "cpu"
+        load_cpu_kernels(x.device)
+        op = getattr(torch.ops.torchat, self.op) if self.kernel or on_cpu else self.torch_form
         return op(x, *self.kernel_parts(), **fused)
 
 
@@ -344,6 +381,7 @@ class Int8DynActAsymInt4Linear(KernelLinear, QuantizedModule):
     def pack(self) -> None:
         self.q4_codes, self.q4_scales, self.q4_offsets = self.kernel_parts()
         self.qdata = self.scale = self.offset = None
+        load_cpu_kernels(self.q4_codes.device)
 
     @classmethod
     def concatenated(cls, modules: list) -> "Int8DynActAsymInt4Linear | None":
@@ -358,7 +396,7 @@ class Int8DynActAsymInt4Linear(KernelLinear, QuantizedModule):
         return fused
 
     def forward(self, x: torch.Tensor, **fused) -> torch.Tensor:
-        """fused: linear_q4's norm, eps, residual and gated (a .pte's layer, torchat.lowering.et.KernelBlock)."""
+        """fused: linear_q4's norm, eps, residual and gated (a .pte's layer, torchat.lowering.fusion.KernelBlock)."""
         if not self.quantize_activations:
             assert not fused, "the float-activation form (tests) fuses nothing"
             return F.linear(x, self.dequantized_weight().to(x.dtype))

@@ -5,25 +5,26 @@ with one (scale, zero) per `group_size` input columns of an output row. The inpu
 multiple of the group size (SmolLM2's 576 is no multiple of 128 or 256), and the activations with it, so
 every linear is quantized whatever its shape; the report says which were padded.
 
-Runtime: on CPU `aten._weight_int4pack_mm_for_cpu`, on CUDA `aten._weight_int4pack_mm` in bf16 (that path is
-written to torch's documented layout and is untested here: no GPU). We call the aten ops ourselves rather
-than torchao's PrototypeInt4WeightOnlyConfig because its Int4OpaqueTensor rejects group size 256 and stores
-the ISA-dependent packed layout, which a baked checkpoint must not.
+Runtime: on CPU torchat's own kernel, torchat::linear_w4 (torchat/kernels/torch_linear.cpp): the codes in
+linear_q4's layout (torchat.quant.asym4, the 8da4w kernel's) with an fp16 scale and offset per block of 32
+(offset = zero − 8·scale), against the input in float32. torch's `_weight_int4pack_mm_for_cpu` ran before: it is
+fast only with bf16 activations (10-20x slower in fp32), and on AVX2 it is bound by its arithmetic (SmolLM2 int4
+.pt2 decode 0.59x llama.cpp Q4_1 on the AVX2 EPYC, issue 18), where this kernel streams the weights as linear_q4
+does. On CUDA `aten._weight_int4pack_mm` in bf16 (that path is written to torch's documented layout and is untested
+here: no GPU). We call the aten op ourselves rather than torchao's PrototypeInt4WeightOnlyConfig because its
+Int4OpaqueTensor rejects group size 256 and stores the ISA-dependent packed layout, which a baked checkpoint must
+not.
 """
 
 import torch
 import torch.nn.functional as F
 
 from torchat.errors import TorchatError
+from torchat.quant.asym4 import load_cpu_kernels, q4_block_parts, q4_kernel_parts, q4_parts
 from torchat.quant.base import (QuantizedModule, group_view, pack_nibbles, pad_columns, padded_size,
                                 unpack_nibbles)
 
 MID = 8  # tinygemm's mid-point for 4 bits
-
-# On CPU the tinygemm kernel is fast only with bf16 activations (notes/baselines.md: 10-20x slower in fp32), so
-# an fp32 model runs its int4 matmuls in bf16 (activations rounded to bf16, accumulation in fp32) and casts
-# the result back; scales and zeros are kept in bf16 for it. fp16/bf16 models use their own dtype.
-CPU_COMPUTE_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 
 
 def minmax_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,9 +74,13 @@ class Int4WeightOnlyLinear(QuantizedModule):
         self.register_buffer("qdata", qdata)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
+        # the runtime form, made by pack(): on CUDA tinygemm's weight and scale-and-zero; on CPU linear_q4's parts
+        # (codes, fp16 scales, fp16 offsets) for torchat::linear_w4
         self.register_buffer("packed_weight", None, persistent=False)
         self.register_buffer("scale_and_zero", None, persistent=False)
-        self.compute_dtype = scale.dtype
+        self.register_buffer("q4_scales", None, persistent=False)
+        self.register_buffer("q4_offsets", None, persistent=False)
+        self.compute_dtype = self._float_dtype = scale.dtype
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, algorithm: str = "minmax",
@@ -131,23 +136,46 @@ class Int4WeightOnlyLinear(QuantizedModule):
             cuda_bytes = (codes[:, 0::2] << 4 | codes[:, 1::2]).contiguous()
             self.packed_weight = torch.ops.aten._convert_weight_to_int4pack(cuda_bytes, inner_k_tiles)
             self.compute_dtype = torch.bfloat16
-        else:
-            self.packed_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            self.compute_dtype = CPU_COMPUTE_DTYPE[self.scale.dtype]
-        # (in / group_size, out, 2): the kernels' scale-and-zero layout
-        self.scale_and_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous().to(
-            self.compute_dtype)
+            # (in / group_size, out, 2): the kernel's scale-and-zero layout
+            self.scale_and_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous().to(
+                self.compute_dtype)
+        else:  # w = scale·(q − 8) + zero = scale·q + (zero − 8·scale)
+            offset = self.zero.float() - MID * self.scale.float()
+            self.packed_weight, self.q4_scales, self.q4_offsets = q4_parts(codes, self.scale, offset, self.group_size)
+            load_cpu_kernels(device)
         self.qdata = self.scale = self.zero = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return self._float_dtype
+
+    @property
+    def runs_on_kernel(self) -> bool:
+        """Whether the layer runs torchat::linear_w4 (packed on CPU), which takes its neighbours' norm, gate and
+        residual too (torchat.lowering.fusion.KernelBlock)."""
+        return self.q4_scales is not None
+
+    @classmethod
+    def concatenated(cls, modules: list) -> "Int4WeightOnlyLinear | None":
+        """Modules packed on CPU with one config but for out_features as one, their rows stacked in order and tiled
+        again (linear_q4's layout, torchat.quant.asym4)."""
+        fused = cls._stacked_shell(modules)
+        if fused is None or not all(m.runs_on_kernel for m in modules):
+            return None
+        rows = map(torch.cat, zip(*(q4_block_parts(m.packed_weight, m.q4_scales, m.q4_offsets) for m in modules)))
+        fused.packed_weight, fused.q4_scales, fused.q4_offsets = q4_kernel_parts(*rows)
+        fused.qdata = fused.scale = fused.zero = None
+        return fused
+
+    def forward(self, x: torch.Tensor, **fused) -> torch.Tensor:
+        """fused: linear_w4's norm, eps, residual and gated, on CPU (torchat.lowering.fusion.KernelBlock)."""
         if not self.packed:
             return F.linear(x, self.dequantized_weight().to(x.dtype))
+        if self.runs_on_kernel:
+            load_cpu_kernels(x.device)
+            return torch.ops.torchat.linear_w4(x, self.packed_weight, self.q4_scales, self.q4_offsets, **fused)
         x2 = pad_columns(x, self.padded_in).reshape(-1, self.padded_in).to(self.compute_dtype).contiguous()
-        if x2.device.type == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed_weight, self.group_size, self.scale_and_zero)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_weight, self.group_size,
-                                                            self.scale_and_zero)
+        y = torch.ops.aten._weight_int4pack_mm(x2, self.packed_weight, self.group_size, self.scale_and_zero)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

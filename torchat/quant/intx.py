@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchat.quant.asym4 import (KERNEL_ORDER, Q4_PAIR, KernelLinear, fused_output, quantized_input, tile_rows,
-                                 untile_rows)
+from torchat.quant.asym4 import (KERNEL_ORDER, Q4_PAIR, KernelLinear, fused_output, load_cpu_kernels, quantized_input,
+                                 tile_rows, untile_rows)
 from torchat.quant.base import (QuantizedModule, concatenated_intx, group_view, pack_nibbles, pad_columns, padded_size,
                                 unpack_nibbles)
 
@@ -287,6 +287,7 @@ class Int8DynActInt8Linear(KernelLinear, Int8DynActInt4Linear):
     def pack(self) -> None:
         self.q8_weight, self.q8_scales = self.kernel_parts()
         self.qdata = self.scale = self.zero_point = None
+        load_cpu_kernels(self.q8_weight.device)
 
     def dequantized_weight(self) -> torch.Tensor:
         weight, scales = self.kernel_parts()

@@ -93,7 +93,7 @@ SCHEME_OPTIONS: dict[str, dict[str, Option]] = {
 
 _WEIGHT_ONLY_ET = ("weight-only linear quantization lowered to ExecuTorch's XNNPACK delegate gives silently wrong "
                    "logits (its scales are dropped: errors of 200-3000 on a logit scale of 5)")
-_TINYGEMM_ET = ("the int4 tinygemm kernel (aten._weight_int4pack_mm_for_cpu) has no ExecuTorch kernel, and the "
+_TINYGEMM_ET = ("int4 weight-only's kernel (torchat::linear_w4 on CPU) has no ExecuTorch kernel, and the "
                 "weight-only int4 forms XNNPACK takes give silently wrong logits")
 _ET_FIX = "use linear:8da4w (int8 dynamic activations, int4 weights), which XNNPACK runs correctly"
 

@@ -84,7 +84,7 @@ class BackendBuild:
 
 BACKEND_BUILDS: dict[Backend, BackendBuild] = {
     Backend.EAGER: BackendBuild((), ()),
-    Backend.AOTI: BackendBuild(("runner", "runner-aoti"), ()),
+    Backend.AOTI: BackendBuild(("runner", "runner-aoti", "torchat/kernels"), ()),
     Backend.ET: BackendBuild(("runner", "runner-et", "torchat/kernels"), ("executorch",)),
 }
 RUNNER_BACKENDS = [b for b, info in BACKENDS.items() if info.output]
