@@ -241,38 +241,32 @@ inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-// the 8 int32 lane sums of one pair's codes (lo / hi nibbles) times its activations
-inline __m256i pair_dot_q4(__m256i lo, __m256i hi, const int8_t* q) {
-  const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+// u0 · s0 + u1 · s1 (unsigned times signed, 32 bytes each) as 8 int32 lane sums (4 adjacent products a lane, of
+// each side); without VNNI the two sides' int16 pair sums add before widening, so 2 * 2 * |u| * |s| must fit int16
+inline __m256i dot2(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
-  return dot_add(dot_add(_mm256_setzero_si256(), lo, qa), hi, qb);
+  return dot_add(dot_add(_mm256_setzero_si256(), u0, s0), u1, s1);
 #else
-  // |15 * 127 * 2| * 2 fits int16: the two products add before widening
-  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qa), _mm256_maddubs_epi16(hi, qb));
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
   return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 #endif
 }
 
-// the same for w4's low byte plane (unsigned, 0..255) against the codes (as signed: 0..15); the int16 pair sums
-// reach 2 * 2 * 255 * 15 at most
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// the 8 int32 lane sums of one pair's codes (lo / hi nibbles) times its activations: 4 * 15 * 128 fits int16
+inline __m256i pair_dot_q4(__m256i lo, __m256i hi, const int8_t* q) { return dot2(lo, load32(q), hi, load32(q + 32)); }
+
+// the same for w4's low byte plane (unsigned, 0..255) against the codes (as signed: 0..15): 4 * 255 * 15 fits int16
 inline __m256i pair_dot_low(__m256i lo, __m256i hi, const uint8_t* low) {
-  const __m256i la = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low));
-  const __m256i lb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + 32));
-#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
-  return dot_add(dot_add(_mm256_setzero_si256(), la, lo), lb, hi);
-#else
-  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(la, lo), _mm256_maddubs_epi16(lb, hi));
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-#endif
+  return dot2(load32(low), lo, load32(low + 32), hi);
 }
 
 // the same for one pair of int8 weights (64 bytes in the activations' order): |w| against q signed as w
+// (each side widened on its own: 2 * 128 * 127 fits int16 once, not twice)
 inline __m256i pair_dot_q8(__m256i w0, __m256i w1, const int8_t* q) {
-  const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-  const __m256i sum = dot_add(_mm256_setzero_si256(), _mm256_abs_epi8(w0), _mm256_sign_epi8(qa, w0));
-  return dot_add(sum, _mm256_abs_epi8(w1), _mm256_sign_epi8(qb, w1));
+  const __m256i sum = dot_add(_mm256_setzero_si256(), _mm256_abs_epi8(w0), _mm256_sign_epi8(load32(q), w0));
+  return dot_add(sum, _mm256_abs_epi8(w1), _mm256_sign_epi8(load32(q + 32), w1));
 }
 
 // R rows' two fp16 values each (a tile's scales or offsets for one pair) as floats: row i's in lanes 2i and 2i + 1

@@ -81,7 +81,8 @@ template <Format F>
 at::Tensor linear_4bit(const char* name, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                        const at::Tensor& offsets, const std::optional<at::Tensor>& norm, double eps,
                        const std::optional<at::Tensor>& residual, bool gated) {
-  TORCH_CHECK(is_contiguous(codes, at::kByte, 2), name, ": codes must be contiguous uint8 (out_features, padded_in / 2)");
+  TORCH_CHECK(is_contiguous(codes, at::kByte, 2), name,
+              ": codes must be contiguous uint8 (out_features, padded_in / 2)");
   const int64_t n = codes.size(0), kp = codes.size(1) * 2;
   TORCH_CHECK(is_contiguous(scales, at::kHalf, 2) && is_contiguous(offsets, at::kHalf, 2) && scales.size(0) == n &&
                   offsets.size(0) == n && scales.size(1) == kp / kBlock && offsets.size(1) == kp / kBlock,
@@ -125,6 +126,21 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return run<Format::q8>(in, p, x, static_cast<float>(eps), gated);
 }
 
+using Linear4 = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, bool);
+
+// a 4-bit op (linear_q4, linear_w4) on the shims' arguments
+AOTITorchError call_4bit(Linear4 op, AtenTensorHandle x, AtenTensorHandle codes, AtenTensorHandle scales,
+                         AtenTensorHandle offsets, AtenTensorHandle* norm, double eps, AtenTensorHandle* residual,
+                         int32_t gated, AtenTensorHandle* ret0) {
+  using namespace torch::aot_inductor;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret0 = new_tensor_handle(op(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(codes),
+                                 *tensor_handle_to_tensor_pointer(scales), *tensor_handle_to_tensor_pointer(offsets),
+                                 pointer_to_optional<at::Tensor>(norm), eps, pointer_to_optional<at::Tensor>(residual),
+                                 gated != 0));
+  });
+}
 }  // namespace
 }  // namespace torchat
 
@@ -134,25 +150,13 @@ extern "C" {
 AOTITorchError aoti_torch_cpu_linear_q4(AtenTensorHandle x, AtenTensorHandle codes, AtenTensorHandle scales,
                                         AtenTensorHandle offsets, AtenTensorHandle* norm, double eps,
                                         AtenTensorHandle* residual, int32_t gated, AtenTensorHandle* ret0) {
-  using namespace torch::aot_inductor;
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = new_tensor_handle(torchat::linear_q4(
-        *tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(codes),
-        *tensor_handle_to_tensor_pointer(scales), *tensor_handle_to_tensor_pointer(offsets), pointer_to_optional<at::Tensor>(norm),
-        eps, pointer_to_optional<at::Tensor>(residual), gated != 0));
-  });
+  return torchat::call_4bit(torchat::linear_q4, x, codes, scales, offsets, norm, eps, residual, gated, ret0);
 }
 
 AOTITorchError aoti_torch_cpu_linear_w4(AtenTensorHandle x, AtenTensorHandle codes, AtenTensorHandle scales,
                                         AtenTensorHandle offsets, AtenTensorHandle* norm, double eps,
                                         AtenTensorHandle* residual, int32_t gated, AtenTensorHandle* ret0) {
-  using namespace torch::aot_inductor;
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    *ret0 = new_tensor_handle(torchat::linear_w4(
-        *tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(codes),
-        *tensor_handle_to_tensor_pointer(scales), *tensor_handle_to_tensor_pointer(offsets),
-        pointer_to_optional<at::Tensor>(norm), eps, pointer_to_optional<at::Tensor>(residual), gated != 0));
-  });
+  return torchat::call_4bit(torchat::linear_w4, x, codes, scales, offsets, norm, eps, residual, gated, ret0);
 }
 
 AOTITorchError aoti_torch_cpu_linear_q8(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle scales,
@@ -162,8 +166,8 @@ AOTITorchError aoti_torch_cpu_linear_q8(AtenTensorHandle x, AtenTensorHandle wei
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
     *ret0 = new_tensor_handle(torchat::linear_q8(
         *tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(weight),
-        *tensor_handle_to_tensor_pointer(scales), pointer_to_optional<at::Tensor>(norm), eps, pointer_to_optional<at::Tensor>(residual),
-        gated != 0));
+        *tensor_handle_to_tensor_pointer(scales), pointer_to_optional<at::Tensor>(norm), eps,
+        pointer_to_optional<at::Tensor>(residual), gated != 0));
   });
 }
 }

@@ -25,6 +25,11 @@ def fused_linear(linears: list[nn.Module]) -> nn.Module | None:
     return first.concatenated(linears) if isinstance(first, QuantizedModule) else None
 
 
+def on_one_kernel(linears: list) -> bool:
+    """Whether the linears all run on one of torchat's kernels (`runs_on_kernel`), all of one kind."""
+    return all(getattr(m, "runs_on_kernel", False) for m in linears) and len({type(m) for m in linears}) == 1
+
+
 class KernelBlock(nn.Module):
     """A transformer layer whose linears all run on one of torchat's kernels (8da4w on the asymmetric grid:
     torchat::linear_q4; 8da8w: torchat::linear_q8; int4 on CPU: torchat::linear_w4; torchat/kernels), as four calls
@@ -47,10 +52,8 @@ class KernelBlock(nn.Module):
     def of(cls, block: TransformerBlock, attention: nn.Module) -> "KernelBlock | None":
         """The layer as a KernelBlock, or None unless all its linears run on one of the kernels."""
         feed_forward = block.feed_forward
-        linears = [attention.wqkv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3]
-        if not all(getattr(m, "runs_on_kernel", False) for m in linears) or len({type(m) for m in linears}) != 1:
-            return None
-        return cls(block, attention)
+        return cls(block, attention) if on_one_kernel([attention.wqkv, attention.wo, feed_forward.w1,
+                                                       feed_forward.w2, feed_forward.w3]) else None
 
     def forward(self, x, cos, sin, input_pos, mask, attend=None):
         attention = self.attention
@@ -82,8 +85,12 @@ def kernel_layers(model: Transformer):
     blocks = list(model.layers)
     try:
         for i, block in enumerate(blocks):
-            if block.attention_norm.weight.device.type == "cpu":
-                model.layers[i] = KernelBlock.of(block, ProjectedAttention(block.attention)) or block
+            attention, feed_forward = block.attention, block.feed_forward
+            linears = [attention.wq, attention.wk, attention.wv, attention.wo, feed_forward.w1, feed_forward.w2,
+                       feed_forward.w3]
+            # checked before the projections are concatenated (a float layer's would be a copy of its weights)
+            if block.attention_norm.weight.device.type == "cpu" and on_one_kernel(linears):
+                model.layers[i] = KernelBlock.of(block, ProjectedAttention(attention)) or block
         yield model
     finally:
         for i, block in enumerate(blocks):
