@@ -1,8 +1,9 @@
 """torchat::sdpa's ExecuTorch kernel (torchat/kernels/et_sdpa.cpp, run by the pybindings) against torch's
 scaled_dot_product_attention over the same filled cache slots: prefill and decode, grouped heads, caches long
 enough for the decode path to split the slots into chunks for the threads, fp16 caches (a quantized .pte's) under
-fp32 queries, and head sizes that take the kernel's vector paths (64: SmolLM2's and Llama's) and its plain loops
-(16, and 80 = a 64-column block and 16 more)."""
+fp32 queries, head sizes that take the kernel's vector paths (64: SmolLM2's and Llama's) and its plain loops
+(16, and 80 = 64 columns and 16 more), and groups of query heads per kv head that take each of its tiles (heads
+sharing a widened key: 4 as Llama-3's, 3 as SmolLM2's, 2, 1 and 7 = 4 + 3)."""
 
 import pytest
 import torch
@@ -36,33 +37,35 @@ def reference(query, key, value, start):
     return out
 
 
-@pytest.fixture(scope="module", params=[(torch.float32, 64), (torch.float16, 64), (torch.float16, 16),
-                                        (torch.float32, 80)], ids=lambda p: f"{str(p[0])[6:]}-cache-dim{p[1]}")
+@pytest.fixture(scope="module", params=[(torch.float32, 64, 8, 2), (torch.float16, 64, 8, 2), (torch.float16, 16, 8, 2),
+                                        (torch.float32, 80, 8, 2), (torch.float16, 64, 9, 3), (torch.float16, 64, 6, 3),
+                                        (torch.float32, 64, 3, 3), (torch.float16, 80, 7, 1)],
+                ids=lambda p: f"{str(p[0])[6:]}-cache-dim{p[1]}-heads{p[2]}-kv{p[3]}")
 def program(request, tmp_path_factory):
     """Attend as an ExecuTorch program (no delegate: the op runs on the registered kernel) with caches of the
-    param's dtype and head size, loaded back: (program, cache dtype, head size)."""
+    param's dtype, head size and heads, loaded back: (program, cache dtype, head size, heads, kv heads)."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     load_llm_ops()
     seq = Dim("seq", min=1, max=MAX_SEQ)
-    dtype, dim = request.param
-    cache = torch.zeros(1, MAX_SEQ, 2, dim, dtype=dtype)
-    example = (torch.zeros(1, 2, 8, dim), cache, cache.clone(), torch.tensor([0]))
+    dtype, dim, heads, kv_heads = request.param
+    cache = torch.zeros(1, MAX_SEQ, kv_heads, dim, dtype=dtype)
+    example = (torch.zeros(1, 2, heads, dim), cache, cache.clone(), torch.tensor([0]))
     exported = torch.export.export(Attend(), example, dynamic_shapes=({1: seq}, None, None, None), strict=False)
     edge = to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     path = tmp_path_factory.mktemp("sdpa") / "sdpa.pte"
     path.write_bytes(edge.to_executorch().buffer)
-    return _load_for_executorch(str(path)), dtype, dim
+    return _load_for_executorch(str(path)), dtype, dim, heads, kv_heads
 
 
 @pytest.mark.parametrize("seq,start", [(5, 0), (7, 20), (1, 0), (1, 300), (1, MAX_SEQ - 1), (3, 700)])
 def test_kernel_matches_softmax_attention(program, seq, start):
-    program, cache_dtype, dim = program
+    program, cache_dtype, dim, heads, kv_heads = program
     generator = torch.Generator().manual_seed(seq * 1000 + start)
-    query = torch.randn(1, seq, 8, dim, generator=generator) * 4 / dim ** 0.5
-    key = (torch.randn(1, MAX_SEQ, 2, dim, generator=generator) * 2).to(cache_dtype)
-    value = torch.randn(1, MAX_SEQ, 2, dim, generator=generator).to(cache_dtype)
+    query = torch.randn(1, seq, heads, dim, generator=generator) * 4 / dim ** 0.5
+    key = (torch.randn(1, MAX_SEQ, kv_heads, dim, generator=generator) * 2).to(cache_dtype)
+    value = torch.randn(1, MAX_SEQ, kv_heads, dim, generator=generator).to(cache_dtype)
     expected = reference(query, key, value, start)  # of the cache's values as stored
     got = program.forward((query, key, value, torch.tensor([start])))[0]
     assert got.shape == query.shape
@@ -72,9 +75,9 @@ def test_kernel_matches_softmax_attention(program, seq, start):
 
 
 def test_kernel_refuses_a_query_past_the_cache(program):
-    program, cache_dtype, dim = program
-    query = torch.randn(1, 4, 8, dim)
-    cache = torch.zeros(1, MAX_SEQ, 2, dim, dtype=cache_dtype)
+    program, cache_dtype, dim, heads, kv_heads = program
+    query = torch.randn(1, 4, heads, dim)
+    cache = torch.zeros(1, MAX_SEQ, kv_heads, dim, dtype=cache_dtype)
     with pytest.raises(RuntimeError):
         program.forward((query, cache, cache, torch.tensor([MAX_SEQ - 2])))
 
