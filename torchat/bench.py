@@ -167,12 +167,14 @@ EIGHT_BIT_LINEARS = ("linear:int8", "linear:8da8w")  # 8-bit weights: their peer
 
 
 def weight_bytes_per_token(model_args: dict, quant: list[dict], dtype: str) -> int:
-    """Bytes of weights one decode step reads, in the quantized format's own storage (codes plus scales).
+    """Bytes of weights one decode step reads, in the form the kernels read them (codes plus scales).
 
     quant: the specs as dicts ({"scheme", "options"}), in the order quantize_model applies them: the first linear
-    scheme quantizes every linear, the output head included. The embedding lookup reads one row: not counted
-    (a tied head reads the whole table, counted as the head). int4's scales and zeros count as bf16, the form
-    torch's CPU kernel reads them in.
+    scheme quantizes every linear, the output head included (8da4w's head_bitwidth 8: the head as 8da8w). The
+    embedding lookup reads one row: not counted (a tied head reads the whole table, counted as the head). Scales
+    per group or row: int4's scale and zero and the asymmetric 8da4w grid's scale and offset as two fp16 (torchat's
+    4-bit kernels; tinygemm's bf16 pair on CUDA is as large), 8da8w's row scale fp32 (linear_q8), int8 weight-only's
+    and the symmetric 8da4w grid's in the model's dtype.
     """
     specs = [(s["scheme"], s.get("options", {})) for s in quant]
     for scheme, options in specs:
@@ -180,20 +182,25 @@ def weight_bytes_per_token(model_args: dict, quant: list[dict], dtype: str) -> i
             dtype = options["dtype"]
     float_bytes = DTYPE_BYTES[dtype]
     linear = next(((s, o) for s, o in specs if s.startswith("linear:")), None)
+    shapes = linear_shapes(model_args)
     total = 0
-    for out_features, in_features in linear_shapes(model_args):
+    for index, (out_features, in_features) in enumerate(shapes):
         if linear is None:
             total += out_features * in_features * float_bytes
             continue
         scheme, options = linear
-        group = options.get("group_size", 0)
+        if scheme == "linear:8da4w" and index == len(shapes) - 1 and options.get("head_bitwidth") == 8:
+            scheme, options = "linear:8da8w", {}
+        group = options.get("group_size", 0) if scheme != "linear:8da8w" else 0
         padded = _padded(in_features, group)
         groups = 1 if not group else padded // group
-        if scheme in EIGHT_BIT_LINEARS:
+        if scheme == "linear:8da8w":
+            total += out_features * padded + out_features * 4
+        elif scheme in EIGHT_BIT_LINEARS:
             total += out_features * padded + out_features * groups * float_bytes
-        elif scheme == "linear:8da4w":
+        elif scheme == "linear:8da4w" and options.get("grid") != "asymmetric":
             total += out_features * padded // 2 + out_features * groups * float_bytes
-        else:  # int4 weight-only: int4, gptq, hqq (codes, then a scale and a zero per group)
+        else:  # int4 weight-only (int4, gptq, hqq) and the asymmetric 8da4w grid: codes, two fp16 per group
             total += out_features * padded // 2 + out_features * groups * 2 * 2
     return total
 
