@@ -122,21 +122,26 @@ def test_a_pte_is_measured_on_executorchs_pool(tiny_checkpoint, tiny_artifacts, 
 
 @pytest.mark.parametrize("quant", ['{"linear:8da4w": {"group_size": 32, "grid": "asymmetric", "head_bitwidth": 8}}',
                                    '{"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}',
-                                   '{"linear:8da8w": {}}'])
+                                   '{"linear:8da8w": {}}', '{"linear:int4": {"group_size": 32, "head_bitwidth": 8}}',
+                                   '{"linear:int4": {"group_size": 32}}'])
 def test_weight_bytes_per_token_are_what_the_kernels_read(quant):
     """The count from the specs alone against the tensors torchat's kernels read for every linear of the tiny model
-    (Llama-3.2-1B's proportions: every input a multiple of 64), quantized: each layer's runtime parts, codes,
-    scales and offsets, the head's 8 bits where the preset keeps them."""
+    (Llama-3.2-1B's proportions: every input a multiple of 64), quantized and packed for CPU: each layer's runtime
+    parts, codes, scales and offsets, the head's 8 bits where the spec keeps them."""
     from tiny_model import tiny_args, tiny_transformer
 
     from torchat.quant import parse_quant
     from torchat.quant.asym4 import KernelLinear
-    from torchat.quant.quantizer import quantize_model
+    from torchat.quant.int4 import Int4WeightOnlyLinear
+    from torchat.quant.quantizer import pack_model, quantize_model
 
     model = tiny_transformer(tiny_args(hidden_dim=192))
     specs = parse_quant(quant)
     quantize_model(model, specs)
-    layers = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    pack_model(model)
+    layers = [m for m in model.modules() if isinstance(m, (KernelLinear, Int4WeightOnlyLinear))]
     assert len(layers) == 7 * model.args.n_layers + 1
-    read = sum(t.nbytes for layer in layers for t in layer.kernel_parts())
+    parts = [layer.kernel_parts() if isinstance(layer, KernelLinear) else
+             (layer.packed_weight, layer.q4_scales, layer.q4_offsets) for layer in layers]
+    read = sum(t.nbytes for layer_parts in parts for t in layer_parts)
     assert weight_bytes_per_token(model.args.to_dict(), [s.to_dict() for s in specs], "fp32") == read

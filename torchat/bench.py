@@ -170,7 +170,7 @@ def weight_bytes_per_token(model_args: dict, quant: list[dict], dtype: str) -> i
     """Bytes of weights one decode step reads, in the form the kernels read them (codes plus scales).
 
     quant: the specs as dicts ({"scheme", "options"}), in the order quantize_model applies them: the first linear
-    scheme quantizes every linear, the output head included (8da4w's head_bitwidth 8: the head as 8da8w). The
+    scheme quantizes every linear, the output head included (head_bitwidth 8: the head as 8da8w). The
     embedding lookup reads one row: not counted (a tied head reads the whole table, counted as the head). Scales
     per group or row: int4's scale and zero and the asymmetric 8da4w grid's scale and offset as two fp16 (torchat's
     4-bit kernels; tinygemm's bf16 pair on CUDA is as large), 8da8w's row scale fp32 (linear_q8), int8 weight-only's
@@ -189,7 +189,7 @@ def weight_bytes_per_token(model_args: dict, quant: list[dict], dtype: str) -> i
             total += out_features * in_features * float_bytes
             continue
         scheme, options = linear
-        if scheme == "linear:8da4w" and index == len(shapes) - 1 and options.get("head_bitwidth") == 8:
+        if index == len(shapes) - 1 and options.get("head_bitwidth") == 8:  # int4 or 8da4w with an 8-bit head
             scheme, options = "linear:8da8w", {}
         group = options.get("group_size", 0) if scheme != "linear:8da8w" else 0
         padded = _padded(in_features, group)

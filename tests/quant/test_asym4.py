@@ -10,6 +10,7 @@ from gguf.quants import dequantize, quantize
 
 from torchat.quant.asym4 import Int8DynActAsymInt4Linear, asymmetric_int4_grid, from_q4_layout, to_q4_layout
 from torchat.quant.base import group_view
+from torchat.quant.int4 import Int4WeightOnlyLinear
 
 GGUF_4BIT = [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1]
 
@@ -98,13 +99,22 @@ def test_padded_input_dim_and_constant_groups_are_exact():
     assert torch.equal(layer.dequantized_weight(), w)
 
 
-def test_8da4w_head_bitwidth_8_makes_the_head_8da8w():
+@pytest.mark.parametrize("quant, layer_type", [
+    ('{"linear:8da4w": {"group_size": 32, "grid": "asymmetric", "head_bitwidth": 8}}', Int8DynActAsymInt4Linear),
+    ('{"linear:int4": {"group_size": 32, "head_bitwidth": 8}}', Int4WeightOnlyLinear)], ids=["8da4w", "int4"])
+def test_head_bitwidth_8_makes_the_head_8da8w(quant, layer_type):
+    """The head on 8 bits, the layers on 4; the head answers as the 8-bit head it is (within int8's rounding of the
+    float head), where the 4-bit one is off by more."""
     from tiny_model import tiny_transformer
 
     from torchat.quant import parse_quant, quantize_model
     from torchat.quant.intx import Int8DynActInt8Linear
 
     model = tiny_transformer()
-    quantize_model(model, parse_quant('{"linear:8da4w": {"group_size": 32, "grid": "asymmetric", "head_bitwidth": 8}}'))
+    head = model.output.weight.detach().clone()
+    quantize_model(model, parse_quant(quant))
     assert type(model.output) is Int8DynActInt8Linear
-    assert type(model.layers[0].feed_forward.w1) is Int8DynActAsymInt4Linear
+    assert type(model.layers[0].feed_forward.w1) is layer_type
+    x = torch.randn(3, head.shape[1], generator=torch.Generator().manual_seed(0))
+    error = (model.output(x) - x @ head.T).abs().max() / (x @ head.T).abs().max()
+    assert error < 0.01

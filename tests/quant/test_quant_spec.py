@@ -13,11 +13,11 @@ from torchat.quant.spec import SCHEME_ALIASES, SCHEME_OPTIONS
 
 def test_seed_single_quoted_python_dict():
     specs = parse_quant("{'linear:int4': {'group_size' : 32} }")
-    assert specs == [QuantSpec("linear:int4", {"group_size": 32})]
+    assert specs == [QuantSpec("linear:int4", {"group_size": 32, "head_bitwidth": 4})]
 
 
 @pytest.mark.parametrize("text, want", [
-    ('{"linear:int4": {"groupsize": 256}}', [QuantSpec("linear:int4", {"group_size": 256})]),
+    ('{"linear:int4": {"groupsize": 256}}', [QuantSpec("linear:int4", {"group_size": 256, "head_bitwidth": 4})]),
     ('{"linear:int8": {"bitwidth": 8, "groupsize": 0}}', [QuantSpec("linear:int8", {"bitwidth": 8, "group_size": 0})]),
     ('{"embedding": {"bitwidth": 4, "groupsize": 32}}', [QuantSpec("embedding", {"bitwidth": 4, "group_size": 32})]),
     ('{"embedding": {}}', [QuantSpec("embedding", {"bitwidth": 8, "group_size": 0})]),

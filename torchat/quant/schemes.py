@@ -75,14 +75,18 @@ INT4_GRIDS: dict[str, type] = {"symmetric": Int8DynActInt4Linear, "asymmetric": 
 HEAD = "output"  # the Transformer's output projection (tied to the embedding table in SmolLM2)
 
 
-def _quantize_8da4w(model, candidates, options, calibration) -> Results:
-    """8da4w on the chosen grid; the head as 8da8w if head_bitwidth is 8 (on SmolLM2 the 4-bit head, a Q8_0
-    table on no 4-bit grid, cost ~12 of the 8da4w .pte's +14 % word perplexity)."""
-    def build(name: str, linear: nn.Linear) -> nn.Module:
+def _with_8bit_head(build: Callable[[nn.Linear, dict], nn.Module]):
+    """A 4-bit scheme's per-linear quantizer whose head is 8da8w (per-channel int8 weights, torchat::linear_q8 on
+    CPU) when the spec's head_bitwidth is 8: on SmolLM2 the 4-bit head, a Q8_0 table on no 4-bit grid, cost most of
+    the 4-bit schemes' word perplexity (8da4w: ~12 of its +14 %)."""
+    def build_one(name: str, linear: nn.Linear, options: dict) -> nn.Module:
         if name == HEAD and options["head_bitwidth"] == 8:
             return Int8DynActInt8Linear.from_float(linear.weight)
-        return INT4_GRIDS[options["grid"]].from_float(linear.weight, options["group_size"])
-    return {name: _linear_fits(linear) or build(name, linear) for name, linear in candidates.items()}
+        return build(linear, options)
+
+    def quantize(model, candidates, options, calibration) -> Results:
+        return {name: _linear_fits(linear) or build_one(name, linear, options) for name, linear in candidates.items()}
+    return quantize
 
 
 QUANTIZERS: dict[str, Scheme] = {
@@ -90,9 +94,11 @@ QUANTIZERS: dict[str, Scheme] = {
                         "int8 (per row or group-wise) or int4 (group-wise) symmetric embedding table"),
     "linear:int8": Scheme(nn.Linear, _per_linear(lambda m, o: Int8WeightOnlyLinear.from_float(m.weight, o["group_size"])),
                           "int8 weight-only linear, symmetric, per channel (group_size 0) or group-wise"),
-    "linear:int4": Scheme(nn.Linear, _per_linear(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight, o["group_size"])),
+    "linear:int4": Scheme(nn.Linear, _with_8bit_head(lambda m, o: Int4WeightOnlyLinear.from_float(m.weight,
+                                                                                                   o["group_size"])),
                           "int4 weight-only linear, asymmetric group-wise, min/max scales (tinygemm layout)"),
-    "linear:8da4w": Scheme(nn.Linear, _quantize_8da4w,
+    "linear:8da4w": Scheme(nn.Linear, _with_8bit_head(lambda m, o: INT4_GRIDS[o["grid"]].from_float(m.weight,
+                                                                                                    o["group_size"])),
                            "int8 per-token dynamic activations, int4 group-wise weights on a symmetric grid or "
                            "an asymmetric one (a scale and an offset per group)"),
     "linear:8da8w": Scheme(nn.Linear, _per_linear(lambda m, o: Int8DynActInt8Linear.from_float(m.weight)),

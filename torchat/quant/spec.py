@@ -1,7 +1,8 @@
 """The `--quant` option: JSON (or the seed's single-quoted Python-dict spelling) -> ordered `QuantSpec`s.
 
     parse_quant('{"linear:int4": {"groupsize": 32}, "embedding": {"bitwidth": 8}}')
-      -> [QuantSpec("linear:int4", {"group_size": 32}), QuantSpec("embedding", {"bitwidth": 8, "group_size": 0})]
+      -> [QuantSpec("linear:int4", {"group_size": 32, "head_bitwidth": 4}),
+          QuantSpec("embedding", {"bitwidth": 8, "group_size": 0})]
 
 Each scheme declares its options here: one spelling per field after normalisation (`groupsize` -> `group_size`),
 defaults filled in, every value checked, so two spellings of the same request give equal specs (and keys); and the
@@ -77,10 +78,10 @@ SCHEME_OPTIONS: dict[str, dict[str, Option]] = {
     "linear:int8": {"bitwidth": _choice(8),
                     "group_size": Option(0, lambda v: _is_int(v) and (v == 0 or v in (32, 64, 128, 256)),
                                          "0 (one scale per output channel) or one of 32, 64, 128, 256")},
-    "linear:int4": {"group_size": _group(128, INT4_GROUP_SIZES)},
+    # head_bitwidth 8 (here and in 8da4w): the output projection as 8da8w (per-channel int8 weights) instead
+    "linear:int4": {"group_size": _group(128, INT4_GROUP_SIZES), "head_bitwidth": _choice(4, 8)},
     # grid: "symmetric" re-quantizes onto XNNPACK's zero-point-8 grid (ExecuTorch's recipe); "asymmetric" keeps a
     # scale and an offset per group on the same kernel, plus a per-group correction (torchat.quant.asym4)
-    # head_bitwidth 8: the output projection as 8da8w (per-channel int8 weights) instead
     "linear:8da4w": {"group_size": _group(256, INT4_GROUP_SIZES), "bitwidth": _choice(4),
                      "grid": _choice("symmetric", "asymmetric"), "head_bitwidth": _choice(4, 8)},
     "linear:8da8w": {"group_size": Option(0, lambda v: v == 0, "0 (one scale per output channel: XNNPACK has "
