@@ -8,9 +8,9 @@
 // query (1, seq, heads, head_dim) fp32, key/value caches (1, max_seq, kv_heads, head_dim) fp32 or fp16 (a quantized
 // .pte keeps its cache in fp16: half the bytes a long-context step reads), contiguous; the query at start_pos + i
 // sees cache slots 0..start_pos + i; grouped-query heads share a key/value head, and the heads of a group are done
-// together so that each key and value row is read once per group. One work item is (query,
-// kv head, chunk of slots); a long cache with few queries (decode) is cut into chunks for the threads, each keeping
-// a running max and sum that are merged at the end (flash-decoding).
+// together so that each key and value row is read once per group. One work item is (query, chunk of slots); a long
+// cache with few queries (decode) is cut into chunks for the threads, each keeping a running max and sum per head
+// that are merged at the end (flash-decoding).
 //
 // Built into runner-et, and for the Python loader into a shared library loaded next to ExecuTorch's pybindings
 // (torchat/kernels/__init__.py).
