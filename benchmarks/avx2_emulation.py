@@ -6,8 +6,9 @@ AVX2-only CPU the speed targets name, for sessions that are not given one.
 Neither library has a switch for its instruction set, so:
 - XNNPACK picks its kernels from cpuinfo's `cpuinfo_isa` flags, read once when XNNPACK initializes. Every
   measurement process starts with a `sitecustomize` hook (on PYTHONPATH) that runs cpuinfo's detection first and
-  clears the AVX-512 flags in that struct (exported by executorch's libexecutorch_threadpool.so), before executorch
-  is imported. The hook checks the struct's layout against /proc/cpuinfo and refuses to run if they disagree.
+  clears the AVX-512 flags and AVX-VNNI (which the AVX2-only EPYC lacks too) in that struct (exported by executorch's
+  libexecutorch_threadpool.so), before executorch is imported. The hook checks the struct's layout against
+  /proc/cpuinfo and refuses to run if they disagree.
 - MKL (ExecuTorch's attention calls its sgemm) gets MKL_ENABLE_INSTRUCTIONS=AVX2, torch's own kernels
   ATEN_CPU_CAPABILITY=avx2, torchat's own attention kernel (torchat.kernels) TORCHAT_KERNEL_MARCH=x86-64-v3 (it is
   otherwise compiled -march=native).
@@ -36,7 +37,8 @@ LLAMA_CPP_AVX2_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_F
                         "-DGGML_AVX_VNNI=OFF")
 
 # cpuinfo's struct cpuinfo_x86_isa on x86-64 (torch/include/cpuinfo.h, the same cpuinfo executorch builds): one
-# bool a flag, in this order; the AVX-512 family (and AVX10) is what an AVX2-only CPU lacks
+# bool a flag, in this order; the AVX-512 family, AVX10 and AVX-VNNI (Intel's VEX form, from Alder Lake and Sapphire
+# Rapids on) are what an AVX2-only CPU lacks
 ISA_FIELDS = ("rdtscp rdpid sysenter msr clzero clflush clflushopt mwait mwaitx fxsave xsave three_d_now "
               "three_d_now_plus prefetch prefetchw prefetchwt1 sse3 ssse3 sse4_1 sse4_2 sse4a misaligned_sse avx "
               "avxvnni fma3 fma4 xop f16c avx2 avx512f avx512pf avx512er avx512cd avx512dq avx512bw avx512vl "
@@ -71,15 +73,15 @@ wrong = [n for n in CHECKED if bool(isa[FIELDS.index(n)]) != (PROC.get(n, n) in 
 if wrong:
     raise SystemExit("avx2 emulation: cpuinfo_isa's layout does not match /proc/cpuinfo at " + ", ".join(wrong))
 for index, name in enumerate(FIELDS):
-    if name.startswith("avx512") or name.startswith("avx10"):
+    if name.startswith("avx512") or name.startswith("avx10") or name == "avxvnni":
         isa[index] = False
 '''
 
 
-EMULATION_NOTE = ("**AVX2 emulated** (`benchmarks/avx2_emulation.py`): AVX-512 hidden from XNNPACK (cpuinfo's "
-                  "flags cleared), MKL, oneDNN and ATen held to AVX2, torchat's attention kernel and an AOTI row's "
-                  "Inductor code compiled for x86-64-v3, llama.cpp built without AVX-512; the host named here "
-                  "has AVX-512, its memory system and clocks are this machine's.")
+EMULATION_NOTE = ("**AVX2 emulated** (`benchmarks/avx2_emulation.py`): AVX-512 and AVX-VNNI hidden from XNNPACK "
+                  "(cpuinfo's flags cleared), MKL, oneDNN and ATen held to AVX2, torchat's attention kernel and an "
+                  "AOTI row's Inductor code compiled for x86-64-v3, llama.cpp built without AVX-512; the host named "
+                  "here has AVX-512, its memory system and clocks are this machine's.")
 
 
 def build_llama_cpp_avx2(target: Path) -> None:
