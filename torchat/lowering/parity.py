@@ -31,7 +31,11 @@ class Tolerance:
 # (10.6 %) with a 4-bit embedding too (issue 18); a wrong lowering is off by 40x the scale or more. A quantized
 # .pte keeps its KV cache in fp16, and eager here then does too (Lowering.cache_dtype): against an fp32-cache
 # eager, fp16's rounding of keys and values flipped enough activation codes to take the 4-bit-embedding .pte to
-# 6.22 (19 %); against the fp16-cache eager it is 3.6 (11 %).
+# 6.22 (19 %); against the fp16-cache eager it is 3.6 (11 %). How far a cascade runs depends on the prompt and on
+# the float arithmetic around the roundings, so on the host and its build: the same 8da4w .pte (Botchan / Macbeth
+# word perplexity +1.6 % / +2.8 % there, as on the AVX2 EPYC) was 4.96 from eager (14.7 %) on an Emerald Rapids
+# Xeon with the kernels built -march=native, 2.56 (7.6 %) with them built for x86-64-v3, and 9-17 % and 8-36 % on
+# four other random prompts; so 25 %, still far below a wrong lowering's error.
 # bf16 rounds every op to 8 bits of mantissa, and a compiler that fuses ops rounds less often than eager does:
 # SmolLM2's bf16 eager model is itself 1.13 away from its fp32 self on these inputs (scale 33.5, 3.4 %), and its
 # AOTI artifact 1.19 away from bf16 eager, so bf16 gets a bound of 5 % of the scale. Quantized in bf16, the
@@ -42,7 +46,7 @@ TOLERANCES = {
     ("fp32", False): Tolerance(1e-4, 1e-5),
     ("bf16", False): Tolerance(0.1, 0.05),
     ("fp16", False): Tolerance(0.05, 0.01),
-    ("fp32", True): Tolerance(0.05, 0.125),
+    ("fp32", True): Tolerance(0.05, 0.25),
     ("bf16", True): Tolerance(0.1, 0.08),
     ("fp16", True): Tolerance(0.1, 0.04),
 }
