@@ -3,6 +3,7 @@ the KV cache restarting at position 0, metadata, the automatic check that refuse
 combinations that are refused up front."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torchat.errors import TorchatError
 from torchat.exported import load_exported, read_metadata
 from torchat.generate import EagerModel, Sampling, generate
 from torchat.lowering import LOWERINGS, export_model
+from torchat.quant import parse_quant, quantize_model
 
 SUFFIXES = [".pt2", ".so", ".pte"]
 
@@ -163,6 +165,29 @@ def test_wrong_lowering_fails_the_export_and_publishes_nothing(tmp_path, monkeyp
     with pytest.raises(TorchatError, match="disagrees with the eager model"):
         export_model(model, tmp_path / "wrong.pte", max_seq_len=16, dtype="fp32")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_quantized_lowering_fails_the_export(tmp_path, monkeypatch):
+    """The dynamic-activation bound (a quarter of the logit scale) still refuses a lowering whose final norm is
+    off by a half, which the right lowering of the same 8da4w model passes."""
+    pte = LOWERINGS[".pte"]
+    quant = {"linear:8da4w": {"group_size": 32, "grid": "asymmetric"}}
+
+    def wrong_lower(programs, metadata, output):
+        for program in programs.values():
+            program.state_dict["norm.weight"] = torch.nn.Parameter(program.state_dict["norm.weight"] * 1.5,
+                                                                   requires_grad=False)
+        pte.lower(programs, metadata, output)
+
+    model = checkpoint_transformer()
+    with torch.no_grad():
+        quantize_model(model, parse_quant(json.dumps(quant)))
+    report = export_model(model, tmp_path / "right.pte", max_seq_len=16, dtype="fp32", quant=[quant])
+    assert report.parity.ok
+    monkeypatch.setitem(LOWERINGS, ".pte", dataclasses.replace(pte, lower=wrong_lower))
+    with pytest.raises(TorchatError, match="disagrees with the eager model"):
+        export_model(model, tmp_path / "wrong.pte", max_seq_len=16, dtype="fp32", quant=[quant])
+    assert [f.name for f in tmp_path.iterdir()] == ["right.pte"]
 
 
 @pytest.mark.parametrize("flags, message", [
