@@ -395,7 +395,7 @@ def write_report(results: list[dict], args, bandwidth: float, planned: int) -> d
               "host": host_info(), "toolchain": toolchain_info(), "threads": args.threads,
               "bandwidth_gb_s": bandwidth, "repeats": args.repeats, "window": WINDOW, "cache_len": CACHE_LEN,
               "avx2_emulated": args.avx2_emulated, "jobs_planned": planned, "jobs_done": len(results),
-              "peer_version": next((r["peer_version"] for r in results if "peer_version" in r), None),
+              "peer_version": next((r["peer_version"] for r in results if r.get("peer_version")), None),
               "results": results}
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "scaling.json", report)
